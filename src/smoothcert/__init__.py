@@ -1,0 +1,20 @@
+"""smoothcert: certified robustness by randomized smoothing.
+
+Turn any PyTorch classifier into a smoothed classifier and certify each prediction: a region around the
+input (a ball or an ellipsoid) inside which no perturbation changes the answer, with probability at least
+``1 - alpha``. Noise is added in the model's input space (pixels in [0, 1]); sigma is in those units.
+"""
+
+from .noise import DiagonalGaussian, FullGaussian, IsotropicGaussian, Noise, RotatedGaussian, noise_from_parameters
+from .regions import Ball, Ellipsoid, Region
+from .sampling import input_generator, sample_counts
+from .smooth import ABSTAIN, Certificate, Smooth, certify, predict
+from .stats import binomial_pvalue, clopper_pearson_lower, clopper_pearson_upper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABSTAIN", "Ball", "Certificate", "DiagonalGaussian", "Ellipsoid", "FullGaussian", "IsotropicGaussian",
+    "Noise", "Region", "RotatedGaussian", "Smooth", "binomial_pvalue", "certify", "clopper_pearson_lower",
+    "clopper_pearson_upper", "input_generator", "noise_from_parameters", "predict", "sample_counts",
+]

@@ -1,0 +1,143 @@
+"""Certified regions: balls and ellipsoids around an input.
+
+A region is what a certificate promises: every ``x + delta`` inside it gets the same prediction from the
+smoothed classifier (with probability at least ``1 - alpha`` over the sampling).
+
+* :class:`Ball` -- ``{y : ||y - c||_2 <= r}`` (Cohen, DDS).
+* :class:`Ellipsoid` -- ``{c + B (a * u) : ||u||_2 <= 1}`` with orthonormal basis ``B`` (columns) and
+  semi-axes ``a`` (ANCER eq. 3.12 with ``B = I``, RANCER eq. 4.4, RDDRS eq. 2).
+
+Every region reports its inscribed l2 radius (``min a``), its proxy radius (ANCER eq. 3.14: the radius of
+the ball of equal volume, ``exp(mean(log a))``, computed in log space since the product underflows for
+d = 784) and its log-volume.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+def _log_unit_ball_volume(d: int) -> float:
+    return 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1.0)
+
+
+class Region(ABC):
+    """Base class of certified regions; ``center`` is flat (d,) and float64 for exact geometry."""
+
+    center: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return int(self.center.numel())
+
+    @property
+    @abstractmethod
+    def axes(self) -> torch.Tensor:
+        """Semi-axis lengths, (d,) float64."""
+
+    @property
+    def inscribed_radius(self) -> float:
+        """Radius of the largest l2 ball around the center inside the region."""
+        return float(self.axes.min())
+
+    @property
+    def proxy_radius(self) -> float:
+        """Radius of the l2 ball with the same volume (ANCER eq. 3.14): geometric mean of the semi-axes."""
+        axes = self.axes
+        if bool((axes <= 0).any()):
+            return 0.0
+        return float(torch.exp(torch.log(axes).mean()))
+
+    @property
+    def log_volume(self) -> float:
+        """Natural log of the region's d-dimensional volume (``-inf`` for a degenerate region)."""
+        axes = self.axes
+        if bool((axes <= 0).any()):
+            return -math.inf
+        return float(torch.log(axes).sum()) + _log_unit_ball_volume(self.dim)
+
+    @abstractmethod
+    def contains(self, points: torch.Tensor) -> torch.Tensor:
+        """Boolean per point (points reshaped to (-1, d)): is the point inside the region?"""
+
+    def _flat(self, points: torch.Tensor) -> torch.Tensor:
+        p = points.to(dtype=torch.float64, device=self.center.device).reshape(-1, self.dim)
+        return p - self.center
+
+
+@dataclass(frozen=True, eq=False)
+class Ball(Region):
+    """The l2 ball ``{y : ||y - center||_2 <= radius}``."""
+
+    center: torch.Tensor
+    radius: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "center", self.center.detach().reshape(-1).to(torch.float64))
+        if not math.isfinite(self.radius) or self.radius < 0:
+            raise ValueError(f"a ball's radius must be finite and >= 0, got {self.radius}")
+
+    @property
+    def axes(self) -> torch.Tensor:
+        return torch.full((self.dim,), float(self.radius), dtype=torch.float64, device=self.center.device)
+
+    @property
+    def inscribed_radius(self) -> float:
+        return float(self.radius)
+
+    @property
+    def proxy_radius(self) -> float:
+        return float(self.radius)
+
+    def contains(self, points: torch.Tensor) -> torch.Tensor:
+        """Boolean per point (points reshaped to (-1, d))."""
+        return torch.linalg.vector_norm(self._flat(points), dim=1) <= self.radius
+
+
+@dataclass(frozen=True, eq=False)
+class Ellipsoid(Region):
+    """``{center + basis @ (semi_axes * u) : ||u||_2 <= 1}``; ``basis`` None means the identity.
+
+    Equivalently ``{y : || diag(1/a) B^T (y - c) ||_2 <= 1}``: with a Gaussian of scale ``S = B diag(theta)``
+    and gap ``g`` the certified region has ``a = theta * g`` (ANCER eq. 3.12).
+    """
+
+    center: torch.Tensor
+    semi_axes: torch.Tensor
+    basis: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        c = self.center.detach().reshape(-1).to(torch.float64)
+        a = self.semi_axes.detach().reshape(-1).to(dtype=torch.float64, device=c.device)
+        if a.numel() != c.numel():
+            raise ValueError(f"an ellipsoid needs one semi-axis per dimension: {a.numel()} axes for d={c.numel()}")
+        if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+            raise ValueError("an ellipsoid's semi-axes must be finite and >= 0")
+        object.__setattr__(self, "center", c)
+        object.__setattr__(self, "semi_axes", a)
+        if self.basis is not None:
+            b = self.basis.detach().to(dtype=torch.float64, device=c.device)
+            if b.shape != (c.numel(), c.numel()):
+                raise ValueError(f"an ellipsoid's basis must be ({c.numel()}, {c.numel()}), got {tuple(b.shape)}")
+            object.__setattr__(self, "basis", b)
+
+    @property
+    def axes(self) -> torch.Tensor:
+        return self.semi_axes
+
+    def local(self, points: torch.Tensor) -> torch.Tensor:
+        """Coordinates of ``points - center`` in the ellipsoid's basis."""
+        p = self._flat(points)
+        return p if self.basis is None else p @ self.basis
+
+    def contains(self, points: torch.Tensor) -> torch.Tensor:
+        """Boolean per point; a zero semi-axis admits only points with no component along it."""
+        u = self.local(points)
+        a = self.semi_axes
+        safe = torch.where(a > 0, a, torch.ones_like(a))
+        scaled = torch.where(a > 0, u / safe, torch.where(u == 0, 0.0, math.inf))
+        return (scaled**2).sum(dim=1) <= 1.0

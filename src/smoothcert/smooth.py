@@ -1,0 +1,255 @@
+"""The smoothed classifier ``g(x) = argmax_c P(f(x + noise) = c)``: PREDICT and CERTIFY for any noise.
+
+CERTIFY (Cohen et al.; seed 000 section 3.1, seed 002 section 5.1): ``n0`` samples choose the class ``c_A``,
+``n`` *fresh* samples give the one-sided Clopper-Pearson lower bound ``p_A`` of ``P(f(x + noise) = c_A)`` at
+level ``alpha``. If ``p_A < 1/2`` it abstains; otherwise, with probability at least ``1 - alpha``, ``g``
+predicts ``c_A`` on the whole region ``{x + delta : ||S^-1 delta||_2 <= Phi^-1(p_A)}`` of the noise
+(a ball of radius ``sigma Phi^-1(p_A)`` for ``N(0, sigma^2 I)``, seed 000 eq. 3.3).
+
+PREDICT: ``n`` samples; answer the top class if a two-sided binomial test of its count against the
+runner-up's rejects equality at level ``alpha``, else abstain. The answer is wrong (not abstained and not
+``g(x)``) with probability at most ``alpha``.
+
+:class:`Smooth` keeps the classic interface of Cohen et al.'s reference code, so scripts switch by changing
+one import; :func:`certify` and :func:`predict` take a batch of inputs and any noise and return full records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .noise import IsotropicGaussian, Noise
+from .regions import Region
+from .sampling import DTYPES, sample_counts
+from .stats import binomial_pvalue, clopper_pearson_lower, gap as normal_gap
+from .validation import (
+    check_alpha,
+    check_count,
+    check_inputs,
+    check_num_classes,
+    check_sample_sizes,
+)
+
+ABSTAIN = -1
+
+__all__ = ["ABSTAIN", "Certificate", "Smooth", "certify", "predict", "dtype_name"]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """What CERTIFY established for one input.
+
+    ``prediction`` is ``ABSTAIN`` (-1) or the class ``c_A``; ``p_lower`` the one-sided Clopper-Pearson bound of
+    ``P(f(x + noise) = c_A)`` at level ``alpha`` from ``n`` fresh samples; ``gap = Phi^-1(p_lower)``;
+    ``region`` the certified region (None when abstaining); ``radius`` its inscribed l2 radius and
+    ``radius_proxy`` ANCER's proxy radius (both 0 when abstaining). ``counts`` are the estimation counts.
+    """
+
+    prediction: int
+    p_lower: float
+    counts: np.ndarray = field(repr=False)
+    gap: float
+    region: Region | None = field(repr=False)
+    radius: float
+    radius_proxy: float
+    n0: int
+    n: int
+    alpha: float
+    dtype: str
+    noise: Noise = field(repr=False)
+    seed: int | None = None
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction == ABSTAIN
+
+
+def _validate(model, x, num_classes, alpha, batch_size, dtype, range_policy):
+    if not callable(model):
+        raise TypeError("the base classifier must be callable (an nn.Module or a function of a batch)")
+    check_num_classes(num_classes)
+    check_alpha(alpha)
+    check_count("batch_size", batch_size)
+    dtype_name(dtype)
+    check_inputs(x, range_policy=range_policy)
+
+
+def _streams(generators, x, n_streams):
+    """Per-input generators: ``None``, a list of per-input generators, or per-input tuples of streams."""
+    if generators is None:
+        return [[None] * x.shape[0] for _ in range(n_streams)]
+    gens = list(generators)
+    if len(gens) != x.shape[0]:
+        raise ValueError(f"got {len(gens)} generators for {x.shape[0]} inputs")
+    if all(isinstance(g, (tuple, list)) for g in gens):
+        return [[g[k] for g in gens] for k in range(n_streams)]
+    return [gens] * n_streams
+
+
+def certify(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    noise: Noise | Sequence[Noise],
+    num_classes: int,
+    n0: int,
+    n: int,
+    alpha: float,
+    *,
+    batch_size: int = 1000,
+    block: int | None = None,
+    generators: Sequence | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+    range_policy: str = "warn",
+) -> list[Certificate]:
+    """CERTIFY a batch ``x`` of shape ``(B, *input_shape)``; one :class:`Certificate` per input.
+
+    ``generators``: per input either one generator (selection then estimation draw from it in turn, so the
+    samples are fresh) or a pair ``(selection, estimation)`` of independent streams.
+    """
+    _validate(model, x, num_classes, alpha, batch_size, dtype, range_policy)
+    check_sample_sizes(n0, n)
+    noises = [noise] * x.shape[0] if isinstance(noise, Noise) else list(noise)
+    select, estimate = _streams(generators, x, 2)
+    kw = dict(batch_size=batch_size, block=block, dtype=dtype)
+    selection = sample_counts(model, x, noises, n0, num_classes, generators=select, **kw)
+    top = selection.argmax(dim=1)
+    counts = sample_counts(model, x, noises, n, num_classes, generators=estimate, **kw).cpu().numpy()
+    top = top.cpu().numpy()
+    n_a = counts[np.arange(len(top)), top]
+    p_lower = np.atleast_1d(clopper_pearson_lower(n_a, np.full_like(n_a, n), alpha))
+    out = []
+    for i in range(x.shape[0]):
+        p = float(p_lower[i])
+        if p < 0.5:
+            out.append(Certificate(ABSTAIN, p, counts[i], float("nan"), None, 0.0, 0.0, n0, n, alpha,
+                                   dtype_name(dtype), noises[i], seed))
+            continue
+        g = float(normal_gap(p))
+        region = noises[i].region(x[i], g)
+        out.append(Certificate(int(top[i]), p, counts[i], g, region, region.inscribed_radius,
+                               region.proxy_radius, n0, n, alpha, dtype_name(dtype), noises[i], seed))
+    return out
+
+
+def predict(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    noise: Noise | Sequence[Noise],
+    num_classes: int,
+    n: int,
+    alpha: float,
+    *,
+    batch_size: int = 1000,
+    block: int | None = None,
+    generators: Sequence | None = None,
+    dtype: torch.dtype = torch.float32,
+    range_policy: str = "warn",
+) -> np.ndarray:
+    """PREDICT for a batch: the class per input, ``ABSTAIN`` (-1) where the binomial test is not significant.
+
+    Two-sided test of the top count against the runner-up's (``binomtest(n_A, n_A + n_B, 1/2)``); the answer
+    differs from ``g(x)`` without abstaining with probability at most ``alpha``.
+    """
+    _validate(model, x, num_classes, alpha, batch_size, dtype, range_policy)
+    check_count("n", n)
+    (gens,) = _streams(generators, x, 1)
+    counts = sample_counts(model, x, noise, n, num_classes, generators=gens, batch_size=batch_size,
+                           block=block, dtype=dtype).cpu().numpy()
+    order = np.argsort(-counts, axis=1, kind="stable")
+    out = np.full(x.shape[0], ABSTAIN, dtype=np.int64)
+    for i in range(x.shape[0]):
+        a, b = order[i, 0], order[i, 1]
+        n_a, n_b = int(counts[i, a]), int(counts[i, b])
+        if n_a + n_b > 0 and binomial_pvalue(n_a, n_a + n_b, 0.5) <= alpha:
+            out[i] = a
+    return out
+
+
+class Smooth:
+    """Drop-in replacement for the reference ``Smooth`` of Cohen et al. (``core.py``).
+
+    ``Smooth(base_classifier, num_classes, sigma)``; ``predict(x, n, alpha, batch_size)`` returns a class or
+    ``Smooth.ABSTAIN``; ``certify(x, n0, n, alpha, batch_size)`` returns ``(class, radius)``. ``x`` is one
+    input without a batch dimension, on the model's device. ``sigma`` is in the model's input units (pixels in
+    [0, 1]; normalization belongs inside the model).
+
+    Beyond the reference: any ``noise`` (:mod:`smoothcert.noise`) instead of ``sigma``, ``dtype`` (float32 or
+    bfloat16), a ``seed`` for reproducible runs, and :meth:`certify_batch` / :meth:`predict_batch` for a
+    batch of inputs returning full :class:`Certificate` records.
+    """
+
+    ABSTAIN = ABSTAIN
+
+    def __init__(self, base_classifier: torch.nn.Module, num_classes: int, sigma: float | None = None, *,
+                 noise: Noise | None = None, dtype: torch.dtype = torch.float32, seed: int | None = None):
+        if (sigma is None) == (noise is None):
+            raise ValueError("give exactly one of sigma (isotropic Gaussian noise) or noise")
+        self.base_classifier = base_classifier
+        self.num_classes = check_num_classes(num_classes)
+        self.noise = IsotropicGaussian(sigma) if noise is None else noise
+        self.sigma = getattr(self.noise, "sigma", None)
+        dtype_name(dtype)
+        self.dtype = dtype
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def _gen(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def _single(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        return x.unsqueeze(0)
+
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int) -> tuple[int, float]:
+        """Cohen's CERTIFY for one input: ``(class, l2 radius)`` or ``(ABSTAIN, 0.0)``."""
+        (cert,) = self.certify_batch(self._single(x), n0, n, alpha, batch_size)
+        return cert.prediction, cert.radius
+
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int) -> int:
+        """Cohen's PREDICT for one input: a class or ``ABSTAIN``."""
+        return int(self.predict_batch(self._single(x), n, alpha, batch_size)[0])
+
+    def certify_batch(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int = 1000,
+                      noise: Noise | Sequence[Noise] | None = None, generators: Sequence | None = None,
+                      ) -> list[Certificate]:
+        """CERTIFY every input of ``x`` (B, ...); see :func:`certify`."""
+        if generators is None and self.seed is not None:
+            generators = [self._gen(x.device)] * x.shape[0]
+        return certify(self.base_classifier, x, self.noise if noise is None else noise, self.num_classes,
+                       n0, n, alpha, batch_size=batch_size, generators=generators, dtype=self.dtype, seed=self.seed)
+
+    def predict_batch(self, x: torch.Tensor, n: int, alpha: float, batch_size: int = 1000,
+                      noise: Noise | Sequence[Noise] | None = None, generators: Sequence | None = None,
+                      ) -> np.ndarray:
+        """PREDICT every input of ``x`` (B, ...); see :func:`predict`."""
+        if generators is None and self.seed is not None:
+            generators = [self._gen(x.device)] * x.shape[0]
+        return predict(self.base_classifier, x, self.noise if noise is None else noise, self.num_classes,
+                       n, alpha, batch_size=batch_size, generators=generators, dtype=self.dtype)
+
+    # The reference implementation's helpers, kept for scripts that call them.
+    def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int) -> np.ndarray:
+        gen = self._gen(x.device)
+        return sample_counts(self.base_classifier, self._single(x), self.noise, num, self.num_classes,
+                             batch_size=batch_size, generators=[gen], dtype=self.dtype)[0].cpu().numpy()
+
+    def _lower_confidence_bound(self, NA: int, N: int, alpha: float) -> float:  # noqa: N803 - reference names
+        return float(clopper_pearson_lower(NA, N, alpha))

@@ -1,0 +1,84 @@
+"""Checks at the public boundary: each raises one clear error that says what was wrong and what is allowed."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` is a failure probability: a number strictly between 0 and 1."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < float(alpha) < 1.0):
+        raise ValueError(f"alpha must be a number in the open interval (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+def check_positive(name: str, value: float) -> float:
+    """A strictly positive, finite number (e.g. sigma, in the model's input units)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_count(name: str, value: int, minimum: int = 1) -> int:
+    """A whole number of samples (or batch size) at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_sample_sizes(n0: int, n: int) -> None:
+    """Selection samples ``n0`` and estimation samples ``n``: both >= 1 and ``n0 <= n``."""
+    check_count("n0", n0)
+    check_count("n", n)
+    if n0 > n:
+        raise ValueError(f"n0 (selection samples) must not exceed n (estimation samples), got n0={n0} > n={n}")
+
+
+def check_num_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    return num_classes
+
+
+def check_inputs(x: torch.Tensor, *, range_policy: str = "warn") -> torch.Tensor:
+    """Inputs must be a floating tensor of finite values; values outside [0, 1] warn (or raise).
+
+    smoothcert adds noise in the model's input space, where pixels lie in [0, 1] and normalization
+    lives inside the model; sigma is measured in those units. ``range_policy`` is ``"warn"``,
+    ``"error"`` or ``"ignore"``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"inputs must be a floating-point tensor (pixels in [0, 1]), got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"inputs are empty (shape {tuple(x.shape)})")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("inputs contain NaN or infinite values")
+    if range_policy != "ignore":
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            msg = (
+                f"inputs lie in [{lo:.3g}, {hi:.3g}], outside [0, 1]: smoothcert adds noise in the model's "
+                "input space (pixels in [0, 1]); put normalization inside the model"
+            )
+            if range_policy == "error":
+                raise ValueError(msg)
+            warnings.warn(msg, stacklevel=3)
+    return x
+
+
+def check_logits(logits: torch.Tensor, expected_rows: int, num_classes: int) -> None:
+    """The base classifier must return one row of ``num_classes`` finite scores per input."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"the base classifier must return a tensor, got {type(logits).__name__}")
+    if logits.ndim != 2 or logits.shape[0] != expected_rows or logits.shape[1] != num_classes:
+        raise ValueError(
+            f"the base classifier returned shape {tuple(logits.shape)}; expected ({expected_rows}, {num_classes}): "
+            f"one score per class for each of the {expected_rows} inputs (num_classes={num_classes})"
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the base classifier returned NaN or infinite scores")
