@@ -1,0 +1,165 @@
+"""Evaluation as the field does it: certified accuracy curves, ACR, tables and plots.
+
+* certified accuracy at radius ``r``: the share of inputs that are classified correctly *and* certified with
+  radius ``>= r`` (Cohen et al.; at ``r = 0`` it is the clean accuracy of the smoothed classifier).
+* ACR, the average certified radius: the mean over all inputs of ``radius * correct`` (seed 002, MACER).
+* proxy ACR: the same with ANCER's proxy radius (seed 000 section 5.2).
+* abstention rate: the share of inputs with prediction -1.
+
+Reads smoothcert's TSVs and the logs of the classic reference code (same first columns, ``time`` as
+``H:MM:SS.ffffff``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Results", "load_results", "certified_accuracy", "average_certified_radius", "report", "plot_curves"]
+
+
+@dataclass
+class Results:
+    """The columns of one results file as arrays (``radius_proxy`` falls back to ``radius``)."""
+
+    name: str
+    label: np.ndarray
+    predict: np.ndarray
+    radius: np.ndarray
+    correct: np.ndarray
+    seconds: np.ndarray
+    radius_proxy: np.ndarray
+    columns: dict[str, list[str]]
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def _seconds(text: str) -> float:
+    """Seconds from ``12.5`` or the reference code's ``0:00:12.500000``."""
+    if ":" in text:
+        h, m, s = text.split(":")
+        return 3600 * float(h) + 60 * float(m) + float(s)
+    return float(text)
+
+
+def load_results(path: str | Path, name: str | None = None) -> Results:
+    """Read a results TSV (Cohen's columns ``idx label predict [radius] correct time`` first)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file at {path}")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    if not rows:
+        raise ValueError(f"{path} is empty")
+    header = [h.strip() for h in rows[0]]
+    needed = {"idx", "label", "predict", "correct"}
+    if not needed <= set(header):
+        raise ValueError(f"{path} is not a results file: it needs columns {sorted(needed)}, has {header}")
+    body = [r for r in rows[1:] if len(r) == len(header)]
+    cols = {h: [r[i] for r in body] for i, h in enumerate(header)}
+
+    def floats(key, default=0.0):
+        return np.array([float(v) for v in cols[key]]) if key in cols else np.full(len(body), default)
+
+    radius = floats("radius")
+    return Results(
+        name=name or path.stem,
+        label=floats("label").astype(int),
+        predict=floats("predict").astype(int),
+        radius=radius,
+        correct=floats("correct").astype(bool),
+        seconds=np.array([_seconds(v) for v in cols["time"]]) if "time" in cols else np.zeros(len(body)),
+        radius_proxy=floats("radius_proxy") if "radius_proxy" in cols else radius,
+        columns=cols,
+    )
+
+
+def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii: Sequence[float]) -> np.ndarray:
+    """Share of inputs correct and certified at radius ``>= r``, for each ``r`` in ``radii``."""
+    radius = np.asarray(radius, dtype=float)
+    correct = np.asarray(correct, dtype=bool)
+    if len(radius) == 0:
+        return np.full(len(radii), math.nan)
+    return np.array([float(np.mean(correct & (radius >= r))) for r in radii])
+
+
+def average_certified_radius(radius: np.ndarray, correct: np.ndarray) -> float:
+    """ACR: mean of ``radius`` over all inputs, counting 0 for wrong or abstained ones."""
+    radius = np.asarray(radius, dtype=float)
+    return float(np.mean(np.where(np.asarray(correct, dtype=bool), radius, 0.0))) if len(radius) else math.nan
+
+
+def _table(header: list[str], rows: list[list[str]], latex: bool) -> str:
+    if latex:
+        lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+                 " & ".join(header) + r" \\", r"\midrule"]
+        lines += [" & ".join(r).replace("_", r"\_") + r" \\" for r in rows]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_table(results: Sequence[Results], radii: Sequence[float], *, latex: bool = False,
+                  proxy: bool = False) -> str:
+    """Certified accuracy at ``radii``, ACR, clean accuracy, abstention rate and seconds per input, per file."""
+    header = ["method", "inputs"] + [f"r={r:g}" for r in radii] + ["ACR", "clean acc.", "abstain", "s/input"]
+    rows = []
+    for res in results:
+        acc = certified_accuracy(res.radius, res.correct, radii)
+        rows.append([res.name, str(len(res))] + [f"{a:.3f}" for a in acc] + [
+            f"{average_certified_radius(res.radius, res.correct):.3f}", f"{np.mean(res.correct):.3f}",
+            f"{np.mean(res.predict == -1):.3f}", f"{np.mean(res.seconds):.3g}"])
+    text = _table(header, rows, latex)
+    if proxy:
+        header = ["method"] + [f"proxy r={r:g}" for r in radii] + ["proxy ACR"]
+        rows = [[res.name] + [f"{a:.3f}" for a in certified_accuracy(res.radius_proxy, res.correct, radii)]
+                + [f"{average_certified_radius(res.radius_proxy, res.correct):.3f}"] for res in results]
+        text += "\n\n" + _table(header, rows, latex)
+    return text
+
+
+def plot_curves(results: Sequence[Results], path: str | Path, *, proxy: bool = False) -> Path:
+    """Write a PNG of certified accuracy against radius, one curve per results file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    top = max([float(np.max(r.radius_proxy if proxy else r.radius, initial=0.0)) for r in results] + [0.1])
+    grid = np.linspace(0.0, top * 1.05, 400)
+    for res in results:
+        radius = res.radius_proxy if proxy else res.radius
+        ax.plot(grid, certified_accuracy(radius, res.correct, grid), label=res.name)
+    ax.set_xlabel("proxy radius" if proxy else "l2 radius")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report(files: Sequence[str | Path], *, radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+           latex: bool = False, plot: str | Path | None = None, labels: Sequence[str] | None = None,
+           proxy: bool = False) -> str:
+    """The table for ``files`` (and a plot when ``plot`` is a path); returns the text to print."""
+    if labels is not None and len(labels) != len(files):
+        raise ValueError(f"got {len(labels)} labels for {len(files)} files")
+    results = [load_results(f, None if labels is None else labels[i]) for i, f in enumerate(files)]
+    text = summary_table(results, radii, latex=latex, proxy=proxy)
+    if plot is not None:
+        text += f"\n\nplot: {plot_curves(results, plot)}"
+    return text

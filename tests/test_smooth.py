@@ -1,0 +1,154 @@
+"""Soundness and behaviour of CERTIFY and PREDICT, with exact answers from linear classifiers."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as st
+
+from smoothcert import ABSTAIN, DiagonalGaussian, IsotropicGaussian, Smooth, certify, input_generator, predict
+
+from conftest import Linear2
+
+
+def linear_trials(trials, d, sigma, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, generator=g)
+    x = torch.rand(trials, d, generator=g)
+    b = float(-(x @ w).median())
+    model = Linear2(w, b)
+    margin = x @ w + b
+    exact = (margin.abs() / w.norm()).double()  # distance to the decision boundary = exact smoothed radius
+    label = (margin > 0).long()
+    return model, x, exact, label
+
+
+def test_linear_soundness_over_seeded_trials():
+    """Certified radius > exact radius (or a wrong class) happens in at most the share alpha allows."""
+    trials, alpha, sigma = 400, 0.05, 0.5
+    model, x, exact, label = linear_trials(trials, 10, sigma, seed=0)
+    gens = [(input_generator(11, i, "select"), input_generator(11, i, "estimate")) for i in range(trials)]
+    certs = certify(model, x, IsotropicGaussian(sigma), 2, 50, 500, alpha, batch_size=4000, generators=gens,
+                    range_policy="ignore")
+    failures = sum(1 for c, r, y in zip(certs, exact.tolist(), label.tolist())
+                   if not c.abstained and (c.prediction != y or c.radius > r))
+    answered = sum(not c.abstained for c in certs)
+    assert answered > trials / 2, "the test must exercise certificates, not abstentions"
+    # P(failure) <= alpha per trial; reject only if the count is implausible at level 1e-6
+    assert failures <= st.binom.ppf(1 - 1e-6, trials, alpha)
+
+
+def test_linear_tightness_at_large_n():
+    """With n = 100,000 and p_A about 0.9 the certified radius is at least 0.9 of the exact one."""
+    sigma = 0.25
+    w = torch.tensor([1.0, 0.0, 0.0])
+    dist = sigma * st.norm.ppf(0.9)  # p_A = 0.9 exactly
+    model = Linear2(w, -0.5 + dist)
+    x = torch.tensor([[0.5, 0.5, 0.5]])
+    smooth = Smooth(model, 2, sigma, seed=3)
+    cls, radius = smooth.certify(x[0], 100, 100_000, 0.001, 10_000)
+    assert cls == 1
+    assert 0.9 * dist <= radius <= dist
+
+
+def test_anisotropic_certificate_is_sound_on_a_linear_classifier():
+    """Diagonal noise: the ellipsoid's farthest point along the normal stays on the certified side."""
+    trials, alpha = 300, 0.05
+    model, x, _, label = linear_trials(trials, 4, 0.5, seed=1)
+    theta = torch.tensor([0.2, 0.9, 0.4, 1.3])
+    w, b = model.w.double(), model.b
+    certs = certify(model, x, DiagonalGaussian(theta), 2, 50, 500, alpha, batch_size=4000,
+                    generators=[input_generator(2, i, "c") for i in range(trials)], range_policy="ignore")
+    failures = 0
+    for c, xi, y in zip(certs, x.double(), label.tolist()):
+        if c.abstained:
+            continue
+        reach = float((c.region.semi_axes * w).norm())  # max of |w.delta| over the ellipsoid
+        margin = float(xi @ w + b)
+        if c.prediction != y or reach > abs(margin):
+            failures += 1
+    assert failures <= st.binom.ppf(1 - 1e-6, trials, alpha)
+
+
+def test_predict_abstains_on_ties_and_answers_when_one_class_dominates():
+    model = Linear2(torch.tensor([1.0, 0.0]), 0.0)
+    tie = torch.tensor([[0.0, 0.3]])  # exactly on the boundary: both classes have probability 1/2
+    clear = torch.tensor([[0.4, 0.3]])
+    abstentions = 0
+    for seed in range(40):
+        out = predict(model, torch.cat([tie, clear]), IsotropicGaussian(0.25), 2, 1000, 0.01,
+                      generators=[input_generator(seed, 0, "p"), input_generator(seed, 1, "p")])
+        abstentions += out[0] == ABSTAIN
+        assert out[1] == 1
+    # abstains unless the test falsely rejects (probability <= alpha each time)
+    assert abstentions >= 40 - st.binom.ppf(1 - 1e-6, 40, 0.01)
+    assert Smooth(model, 2, 0.25, seed=0).predict(tie[0], 1000, 0.01, 100) == Smooth.ABSTAIN
+
+
+def test_classic_interface_and_records():
+    model = Linear2(torch.tensor([1.0, 0.0]), -0.5)
+    smooth = Smooth(model, 2, 0.25, seed=0)
+    cls, radius = smooth.certify(torch.tensor([0.9, 0.1]), 100, 2000, 0.001, 500)
+    assert cls == 1 and 0 < radius < 0.4
+    counts = smooth._sample_noise(torch.tensor([0.9, 0.1]), 300, 100)
+    assert counts.shape == (2,) and counts.sum() == 300
+    assert smooth._lower_confidence_bound(90, 100, 0.05) == pytest.approx(st.beta.ppf(0.05, 90, 11))
+    bf = Smooth(model, 2, 0.25, dtype=torch.bfloat16, seed=0).certify_batch(torch.tensor([[0.9, 0.1]]), 10, 100, 0.01)
+    assert bf[0].dtype == "bfloat16" and bf[0].n0 == 10 and bf[0].n == 100 and bf[0].alpha == 0.01
+    assert bf[0].counts.sum() == 100
+
+
+def test_selection_and_estimation_use_fresh_samples():
+    """With one generator per input, estimation draws continue after the selection draws."""
+    model = Linear2(torch.tensor([1.0]), 0.0)
+    x = torch.tensor([[0.1]])
+    a = certify(model, x, IsotropicGaussian(1.0), 2, 100, 100, 0.1, generators=[torch.Generator().manual_seed(0)])
+    g = torch.Generator().manual_seed(0)
+    sel = IsotropicGaussian(1.0).draw(100, (1,), g)
+    est = IsotropicGaussian(1.0).draw(100, (1,), g)
+    assert a[0].counts[1] == int(((x + est)[:, 0] > 0).sum())
+    assert not torch.equal(sel, est)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n0=200, n=100), "n0"),
+    (dict(n0=0, n=100), "n0"),
+    (dict(alpha=0.0), "alpha"),
+    (dict(alpha=1.0), "alpha"),
+    (dict(num_classes=1), "num_classes"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_certify_rejects_bad_arguments(kwargs, match):
+    model = Linear2(torch.tensor([1.0, 0.0]), 0.0)
+    args = dict(num_classes=2, n0=10, n=100, alpha=0.01, batch_size=100)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        certify(model, torch.rand(1, 2), IsotropicGaussian(0.1), args["num_classes"], args["n0"], args["n"],
+                args["alpha"], batch_size=args["batch_size"])
+
+
+def test_inputs_are_checked():
+    model = Linear2(torch.tensor([1.0, 0.0]), 0.0)
+    noise = IsotropicGaussian(0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        certify(model, torch.tensor([[float("nan"), 0.0]]), noise, 2, 10, 10, 0.1)
+    with pytest.raises(TypeError, match="floating"):
+        certify(model, torch.tensor([[1, 0]]), noise, 2, 10, 10, 0.1)
+    with pytest.warns(UserWarning, match=r"outside \[0, 1\]"):
+        certify(model, torch.tensor([[3.0, 0.0]]), noise, 2, 10, 10, 0.1)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        certify(model, torch.tensor([[3.0, 0.0]]), noise, 2, 10, 10, 0.1, range_policy="error")
+    with pytest.raises(ValueError, match="exactly one of sigma"):
+        Smooth(model, 2)
+    with pytest.raises(ValueError, match="dtype"):
+        Smooth(model, 2, 0.1, dtype=torch.float16)
+
+
+def test_certify_matches_cohen_formula_from_counts():
+    model = Linear2(torch.tensor([1.0, 0.0]), -0.3)
+    certs = certify(model, torch.tensor([[0.5, 0.5]]), IsotropicGaussian(0.4), 2, 100, 5000, 0.001,
+                    generators=[input_generator(0, 0, "x")])
+    c = certs[0]
+    p = st.beta.ppf(0.001, c.counts[1], 5000 - c.counts[1] + 1)
+    assert c.p_lower == pytest.approx(p, rel=1e-12)
+    assert c.radius == pytest.approx(0.4 * st.norm.ppf(p), rel=1e-12)
+    assert np.isclose(c.gap, st.norm.ppf(p))
