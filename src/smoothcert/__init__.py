@@ -10,6 +10,10 @@ from .regions import Ball, Ellipsoid, Region
 from .sampling import input_generator, sample_counts
 from .smooth import ABSTAIN, Certificate, Smooth, certify, predict
 from .stats import binomial_pvalue, clopper_pearson_lower, clopper_pearson_upper
+from .ensemble import Ensemble, load_ensemble
+from .objectives import OBJECTIVES, Objective, make_objective
+from .pca import PCAProjection, add_pca, fit_pca  # also registers the "pca" layer kind for checkpoints
+from .training import train
 
 __version__ = "0.1.0"
 
@@ -17,4 +21,6 @@ __all__ = [
     "ABSTAIN", "Ball", "Certificate", "DiagonalGaussian", "Ellipsoid", "FullGaussian", "IsotropicGaussian",
     "Noise", "Region", "RotatedGaussian", "Smooth", "binomial_pvalue", "certify", "clopper_pearson_lower",
     "clopper_pearson_upper", "input_generator", "noise_from_parameters", "predict", "sample_counts",
+    "Ensemble", "load_ensemble", "OBJECTIVES", "Objective", "make_objective", "PCAProjection", "add_pca", "fit_pca",
+    "train",
 ]

@@ -1,0 +1,358 @@
+"""Training objectives that make a base classifier robust to Gaussian noise, as plug-ins of one training loop.
+
+Each objective turns a batch ``(x, y)`` of clean inputs (pixels in [0, 1]) into a loss that the loop minimizes,
+and a score per input whose argmax is the objective's own prediction (for the training accuracy). Noise is
+always added in the model's input space, ``x + sigma * w`` with ``w ~ N(0, I)``: the same space in which
+smoothcert certifies, so a model trained here is certified at the same ``sigma`` without any rescaling.
+
+The standard-normal draws ``w`` of a batch have shape ``(B, m, *input_shape)`` and are drawn as
+``torch.randn((B, m, *shape), generator=generator)`` on the input's device; they can also be passed in
+(``noise=``), which makes every loss a deterministic function of its inputs (the tests compare each loss to a
+direct per-sample computation this way).
+
+Objectives (seed 002 chapter 3-4, seed 001 "adversarial training for smoothed classifier"):
+
+- ``gaussian``: Gaussian augmentation (Cohen et al.).
+- ``consistency``: consistency regularization (Jeong and Shin; seed 002 eq. 3.5).
+- ``generalized-consistency``: the loose accuracy term on averaged logits (seed 002 eq. 4.3) and the
+  consistency term restricted to correctly classified inputs (seed 002 eq. 4.1).
+- ``macer``: MACER (Zhai et al.; seed 002 eq. 3.3 with the hinge on the certified radius).
+- ``smoothadv``: SmoothAdv (Salman et al.; seed 001), PGD against the soft smoothed classifier.
+
+:func:`make_objective` builds one by name; unknown names and bad hyperparameters raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Objective", "GaussianAugmentation", "Consistency", "GeneralizedConsistency", "Macer", "SmoothAdv",
+    "OBJECTIVES", "make_objective", "standard_noise",
+]
+
+
+def standard_noise(x: torch.Tensor, m: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``m`` standard-normal draws per input: ``(B, m, *shape)`` on ``x``'s device, float32."""
+    return torch.randn((x.shape[0], m, *x.shape[1:]), generator=generator, device=x.device, dtype=torch.float32)
+
+
+def _noisy_logits(model: nn.Module, x: torch.Tensor, w: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Logits of ``f(x_i + sigma w_ij)`` as ``(B, m, K)``: one forward pass over all ``B * m`` noisy copies."""
+    b, m = w.shape[:2]
+    noisy = (x.unsqueeze(1) + sigma * w.to(x.dtype)).reshape(b * m, *x.shape[1:])
+    logits = model(noisy)
+    return logits.view(b, m, -1)
+
+
+def _nonnegative(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+class Objective(ABC):
+    """A training objective: ``loss(model, x, y, sigma) -> (loss, scores)``.
+
+    ``loss`` is a scalar to minimize (mean over the batch); ``scores`` is ``(B, K)``, one row per clean input,
+    whose argmax is the objective's prediction (for the training accuracy). ``config()`` gives the name and
+    hyperparameters (saved with every checkpoint); :meth:`start_epoch` lets an objective follow the epoch
+    (SmoothAdv's epsilon warm-up).
+    """
+
+    name: ClassVar[str]
+    #: standard-normal draws per input that :meth:`loss` consumes (the second dimension of ``noise``).
+    num_noise: int = 1
+
+    @abstractmethod
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, *,
+             generator: torch.Generator | None = None,
+             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss on ``x + sigma * w``; ``noise`` (``(B, num_noise, *shape)`` standard normal) overrides the
+        draws from ``generator``."""
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        return {"objective": self.name, **self.hyperparameters()}
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the training loop before epoch ``epoch`` (0-based)."""
+
+    def _noise(self, x: torch.Tensor, generator, noise) -> torch.Tensor:
+        if noise is None:
+            return standard_noise(x, self.num_noise, generator)
+        expected = (x.shape[0], self.num_noise, *x.shape[1:])
+        if tuple(noise.shape) != expected:
+            raise ValueError(f"noise must have shape {expected} (B, num_noise, *input_shape), got {tuple(noise.shape)}")
+        return noise.to(device=x.device, dtype=torch.float32)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({params})"
+
+
+class GaussianAugmentation(Objective):
+    """Gaussian augmentation (Cohen et al.): ``CE(f(x + sigma w), y)`` with ``w ~ N(0, I)``.
+
+    ``m`` noisy copies per input (default 1) average the cross-entropy over the copies.
+    """
+
+    name = "gaussian"
+
+    def __init__(self, m: int = 1):
+        self.num_noise = _count("m (noisy copies per input)", m)
+
+    def hyperparameters(self):
+        return {"m": self.num_noise}
+
+    def loss(self, model, x, y, sigma, *, generator=None, noise=None):
+        w = self._noise(x, generator, noise)
+        logits = _noisy_logits(model, x, w, sigma)
+        b, m, k = logits.shape
+        loss = F.cross_entropy(logits.reshape(b * m, k), y.repeat_interleave(m))
+        return loss, logits[:, 0].detach()
+
+
+def _consistency_terms(logits: torch.Tensor, lbd: float, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input: ``lbd * mean_i KL(p_hat || p_i) + eta * H(p_hat)`` and ``p_hat = mean_i softmax(logits_i)``.
+
+    ``KL(p_hat || p_i) = sum_c p_hat_c (log p_hat_c - log p_i,c)`` (seed 002 eq. 3.5); ``p_hat`` keeps its
+    gradient, as in Jeong and Shin's code.
+    """
+    log_p = F.log_softmax(logits, dim=-1)                       # (B, m, K)
+    p_hat = log_p.exp().mean(dim=1)                             # (B, K)
+    log_p_hat = torch.log(p_hat.clamp_min(1e-20))
+    kl = (p_hat.unsqueeze(1) * (log_p_hat.unsqueeze(1) - log_p)).sum(dim=-1).mean(dim=1)
+    entropy = -(p_hat * log_p_hat).sum(dim=-1)
+    return lbd * kl + eta * entropy, p_hat
+
+
+class Consistency(Objective):
+    """Consistency regularization (Jeong and Shin 2020; seed 002 eq. 3.5).
+
+    ``L = 1/m sum_i [CE(f(x + sigma w_i), y) + lbd * KL(p_hat || p_i)] + eta * H(p_hat)``, with
+    ``p_i = softmax(f(x + sigma w_i))`` and ``p_hat = 1/m sum_i p_i``. Defaults ``m = 2``, ``lbd = 10`` (10-20
+    in the paper; 20 for sigma = 0.5 is common), ``eta = 0.5``. Scores: ``log p_hat``.
+    """
+
+    name = "consistency"
+
+    def __init__(self, m: int = 2, lbd: float = 10.0, eta: float = 0.5):
+        self.num_noise = _count("m (noisy copies per input)", m)
+        self.lbd = _nonnegative("lbd (weight of the KL consistency term)", lbd)
+        self.eta = _nonnegative("eta (weight of the entropy term)", eta)
+
+    def hyperparameters(self):
+        return {"m": self.num_noise, "lbd": self.lbd, "eta": self.eta}
+
+    def loss(self, model, x, y, sigma, *, generator=None, noise=None):
+        w = self._noise(x, generator, noise)
+        logits = _noisy_logits(model, x, w, sigma)
+        b, m, k = logits.shape
+        ce = F.cross_entropy(logits.reshape(b * m, k), y.repeat_interleave(m), reduction="none").view(b, m).mean(1)
+        reg, p_hat = _consistency_terms(logits, self.lbd, self.eta)
+        return (ce + reg).mean(), torch.log(p_hat.clamp_min(1e-20)).detach()
+
+
+class GeneralizedConsistency(Objective):
+    """Generalized consistency (seed 002 section 4.1): a loose accuracy term and a restricted consistency term.
+
+    - Accuracy (eq. 4.3): the prediction is ``F(E[f(x + sigma w)])``, softmax of the *averaged logits*, so the
+      loss is ``CE(1/m sum_i f(x + sigma w_i), y)``: a noisy copy may weigh more than 1 in the vote, unlike the
+      average of softmax probabilities (eq. 4.2).
+    - Consistency (eq. 4.1): ``1[argmax p_hat = y] * (lbd * 1/m sum_i KL(p_hat || p_i) + eta * H(p_hat))`` with
+      ``p_hat = 1/m sum_i softmax(f(x + sigma w_i))`` as in eq. 3.5: only inputs whose mean prediction is the
+      correct class ``c = y`` are pushed to a constant prediction; misclassified inputs are left free to become
+      correct. The indicator covers the entropy term too (eq. 4.1 puts both inside the restricted expectation);
+      the term is averaged over the whole batch (the indicator is inside the expectation).
+
+    Defaults as :class:`Consistency` (``m = 2``, ``lbd = 10``, ``eta = 0.5``); seed 002 trains with m = 4.
+    Scores: the averaged logits (eq. 4.3).
+    """
+
+    name = "generalized-consistency"
+
+    def __init__(self, m: int = 2, lbd: float = 10.0, eta: float = 0.5):
+        self.num_noise = _count("m (noisy copies per input)", m)
+        self.lbd = _nonnegative("lbd (weight of the KL consistency term)", lbd)
+        self.eta = _nonnegative("eta (weight of the entropy term)", eta)
+
+    def hyperparameters(self):
+        return {"m": self.num_noise, "lbd": self.lbd, "eta": self.eta}
+
+    def loss(self, model, x, y, sigma, *, generator=None, noise=None):
+        w = self._noise(x, generator, noise)
+        logits = _noisy_logits(model, x, w, sigma)
+        mean_logits = logits.mean(dim=1)
+        accuracy = F.cross_entropy(mean_logits, y, reduction="none")
+        reg, p_hat = _consistency_terms(logits, self.lbd, self.eta)
+        correct = (p_hat.detach().argmax(dim=1) == y).to(reg.dtype)
+        return (accuracy + correct * reg).mean(), mean_logits.detach()
+
+
+def _normal_ppf(p: torch.Tensor) -> torch.Tensor:
+    """``Phi^-1(p)``, differentiable (torch.special.ndtri)."""
+    return torch.special.ndtri(p)
+
+
+class Macer(Objective):
+    """MACER (Zhai et al. 2020; seed 002 eq. 3.3): maximize the certified radius of the soft smoothed classifier.
+
+    With ``k`` noisy copies, ``g(x) = 1/k sum_i softmax(f(x + sigma w_i))`` and the classification loss is
+    ``-log g(x)_y``. The robustness term uses the inverse-temperature soft classifier
+    ``g_beta(x) = 1/k sum_i softmax(beta * f(x + sigma w_i))``: for inputs where ``g_beta``'s top class is ``y``,
+    with ``xi = Phi^-1(p_A) - Phi^-1(p_B)`` (top two of ``g_beta``, so ``sigma/2 * xi`` is the radius of
+    seed 002 eq. 2.6), the hinge ``sigma/2 * max(0, gamma - xi)``. As in Zhai et al.'s code, inputs with
+    ``xi >= gamma`` (including those whose ``Phi^-1`` is infinite in float32) contribute nothing.
+
+    ``L = mean_x [-log g(x)_y + lbd * 1[top class = y] * sigma/2 * max(0, gamma - xi)]``.
+    Defaults ``k = 16``, ``lbd = 12``, ``gamma = 8``, ``beta = 16``. Scores: ``log g(x)``.
+    """
+
+    name = "macer"
+
+    def __init__(self, k: int = 16, lbd: float = 12.0, gamma: float = 8.0, beta: float = 16.0):
+        self.num_noise = _count("k (noisy copies per input)", k)
+        self.lbd = _nonnegative("lbd (weight of the radius hinge)", lbd)
+        self.gamma = _nonnegative("gamma (hinge threshold on Phi^-1(p_A) - Phi^-1(p_B))", gamma)
+        self.beta = _positive("beta (inverse temperature)", beta)
+
+    def hyperparameters(self):
+        return {"k": self.num_noise, "lbd": self.lbd, "gamma": self.gamma, "beta": self.beta}
+
+    def loss(self, model, x, y, sigma, *, generator=None, noise=None):
+        w = self._noise(x, generator, noise)
+        logits = _noisy_logits(model, x, w, sigma)
+        g = F.softmax(logits, dim=-1).mean(dim=1)
+        log_g = torch.log(g + 1e-10)
+        classification = F.nll_loss(log_g, y, reduction="sum")
+        g_beta = F.softmax(self.beta * logits, dim=-1).mean(dim=1)
+        top2, index = g_beta.topk(2, dim=1)
+        with torch.no_grad():
+            xi = _normal_ppf(top2[:, 0]) - _normal_ppf(top2[:, 1])
+            active = (index[:, 0] == y) & torch.isfinite(xi) & (xi < self.gamma)
+        # select before Phi^-1 so no infinite value enters the backward pass
+        p_a, p_b = top2[active, 0], top2[active, 1]
+        hinge = self.gamma - (_normal_ppf(p_a) - _normal_ppf(p_b))
+        robustness = sigma / 2 * hinge.sum()
+        return (classification + self.lbd * robustness) / x.shape[0], log_g.detach()
+
+
+class SmoothAdv(Objective):
+    """SmoothAdv (Salman et al. 2019; seed 001, "adversarial training for smoothed classifier").
+
+    PGD finds ``x' = argmax_{||x' - x||_2 <= epsilon, x' in [0,1]^d} -log(1/m sum_i softmax(f(x' + sigma w_i))_y)``
+    (the cross-entropy of the soft smoothed classifier estimated with ``m`` draws); ``steps`` steps of size
+    ``2 epsilon / steps`` along the normalized gradient, each followed by projection onto the box and the
+    ball. Then the loss is ``1/m sum_i CE(f(x' + sigma w_i), y)`` with the *same* draws (Salman et al.'s
+    multi-noise training). The attack runs with the model in eval mode and does not touch parameter
+    gradients.
+
+    ``epsilon`` warms up linearly over the first ``warmup`` epochs: ``min(epsilon, (epoch + 1) epsilon /
+    warmup)``. Defaults ``epsilon = 1.0``, ``steps = 10``, ``m = 4``, ``warmup = 10`` (CIFAR-10 settings; on
+    MNIST with few epochs, a smaller epsilon such as 0.5 and ``warmup`` of 1-2 epochs trains faster).
+    Scores: ``log`` of the mean softmax at ``x'``.
+    """
+
+    name = "smoothadv"
+
+    def __init__(self, epsilon: float = 1.0, steps: int = 10, m: int = 4, warmup: int = 10):
+        self.epsilon = _nonnegative("epsilon (l2 radius of the attack, input units)", epsilon)
+        self.steps = _count("steps (PGD steps)", steps)
+        self.num_noise = _count("m (noise draws per input)", m)
+        self.warmup = _count("warmup (epochs of epsilon warm-up)", warmup)
+        self.current_epsilon = self.epsilon
+
+    def hyperparameters(self):
+        return {"epsilon": self.epsilon, "steps": self.steps, "m": self.num_noise, "warmup": self.warmup}
+
+    def start_epoch(self, epoch: int) -> None:
+        self.current_epsilon = min(self.epsilon, (epoch + 1) * self.epsilon / self.warmup)
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, w: torch.Tensor,
+               epsilon: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """PGD in the l2 ball of radius ``epsilon`` (and the box [0, 1]) against the soft smoothed classifier."""
+        if epsilon == 0:
+            return x.detach()
+        was_training = model.training
+        model.eval()
+        step = 2 * epsilon / self.steps
+        x = x.detach()
+        view = (-1,) + (1,) * (x.ndim - 1)
+        delta = torch.zeros_like(x)
+        try:
+            for _ in range(self.steps):
+                delta.requires_grad_(True)
+                probs = F.softmax(_noisy_logits(model, x + delta, w, sigma), dim=-1).mean(dim=1)
+                loss = F.nll_loss(torch.log(probs.clamp_min(1e-20)), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    norms = grad.flatten(1).norm(dim=1)
+                    zero = norms == 0
+                    if bool(zero.any()):
+                        # Salman et al.: a random direction where the gradient vanishes
+                        grad[zero] = torch.randn(grad[zero].shape, generator=generator, device=x.device)
+                        norms = grad.flatten(1).norm(dim=1)
+                    delta = delta.detach() + step * grad / norms.view(view)
+                    delta = (x + delta).clamp_(0, 1) - x
+                    norms = delta.flatten(1).norm(dim=1)
+                    delta = delta * (epsilon / norms.clamp_min(epsilon)).view(view)
+        finally:
+            model.train(was_training)
+        return (x + delta).detach()
+
+    def loss(self, model, x, y, sigma, *, generator=None, noise=None):
+        w = self._noise(x, generator, noise)
+        x_adv = self.attack(model, x, y, sigma, w, self.current_epsilon, generator)
+        logits = _noisy_logits(model, x_adv, w, sigma)
+        b, m, k = logits.shape
+        loss = F.cross_entropy(logits.reshape(b * m, k), y.repeat_interleave(m))
+        scores = torch.log(F.softmax(logits.detach(), dim=-1).mean(dim=1).clamp_min(1e-20))
+        return loss, scores
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (GaussianAugmentation, Consistency, GeneralizedConsistency, Macer, SmoothAdv)
+}
+
+
+def make_objective(name: str | Objective, **hyperparameters: Any) -> Objective:
+    """The objective called ``name`` with the given hyperparameters (``None`` values mean the default).
+
+    Raises ``ValueError`` for an unknown name (listing the known ones), a hyperparameter the objective does not
+    take (listing those it takes) or a bad value.
+    """
+    if isinstance(name, Objective):
+        if any(v is not None for v in hyperparameters.values()):
+            raise ValueError("give hyperparameters either to the objective's constructor or by name, not both")
+        return name
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of: {', '.join(OBJECTIVES)}")
+    cls = OBJECTIVES[name]
+    given = {k: v for k, v in hyperparameters.items() if v is not None}
+    allowed = list(cls().hyperparameters())
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"objective {name!r} takes no hyperparameter {', '.join(unknown)}; "
+                         f"it takes: {', '.join(allowed)}")
+    return cls(**given)
