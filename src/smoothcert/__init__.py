@@ -5,6 +5,9 @@ input (a ball or an ellipsoid) inside which no perturbation changes the answer, 
 ``1 - alpha``. Noise is added in the model's input space (pixels in [0, 1]); sigma is in those units.
 """
 
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import DATASETS, load_dataset
+from .models import build_model, model_for_dataset
 from .noise import DiagonalGaussian, FullGaussian, IsotropicGaussian, Noise, RotatedGaussian, noise_from_parameters
 from .regions import Ball, Ellipsoid, Region
 from .sampling import input_generator, sample_counts
@@ -18,7 +21,8 @@ from .training import train
 __version__ = "0.1.0"
 
 __all__ = [
-    "ABSTAIN", "Ball", "Certificate", "DiagonalGaussian", "Ellipsoid", "FullGaussian", "IsotropicGaussian",
+    "ABSTAIN", "DATASETS", "Ball", "build_model", "load_checkpoint", "load_dataset", "model_for_dataset",
+    "save_checkpoint", "Certificate", "DiagonalGaussian", "Ellipsoid", "FullGaussian", "IsotropicGaussian",
     "Noise", "Region", "RotatedGaussian", "Smooth", "binomial_pvalue", "certify", "clopper_pearson_lower",
     "clopper_pearson_upper", "input_generator", "noise_from_parameters", "predict", "sample_counts",
     "Ensemble", "load_ensemble", "OBJECTIVES", "Objective", "make_objective", "PCAProjection", "add_pca", "fit_pca",

@@ -1,0 +1,221 @@
+"""The ``smoothcert`` command line: train, certify, predict, report, demo.
+
+Every command validates its arguments before any work starts and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+from . import methods as _methods
+from .methods import COMMON_COLUMNS, RunContext, method_class
+from .runner import CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, run_dataset, select_indices
+from .sampling import DTYPES, input_generator
+from .smooth import predict
+from .noise import IsotropicGaussian
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks the current accelerator when there is one, else the CPU."""
+    if name == "auto":
+        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return acc if acc is not None else torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, or an accelerator such as cuda:0") from e
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_base_classifier(paths: list[str], device: torch.device):
+    """One checkpoint, or several averaged by soft voting (an ensemble); returns (model, config, fingerprint)."""
+    from .checkpoint import load_checkpoint
+
+    loaded = [load_checkpoint(p, device=device) for p in paths]
+    fingerprint = []
+    for p in paths:
+        weights = next(c for c in (Path(p), Path(f"{p}.safetensors")) if c.is_file())
+        fingerprint.append({"path": str(p), "sha256": file_digest(weights)})
+    if len(loaded) == 1:
+        model, config = loaded[0]
+    else:
+        from .ensemble import Ensemble
+
+        model = Ensemble([m for m, _ in loaded])
+        config = {**loaded[0][1], "ensemble": [c for _, c in loaded]}
+    return model.to(device).eval(), config, fingerprint
+
+
+def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="model checkpoint (.safetensors with its .json); repeat to average several (an ensemble)")
+    p.add_argument("--dataset", default=None, help="data set name (default: the checkpoint's)")
+    p.add_argument("--split", default="test", help="split to certify (default: test)")
+    p.add_argument("--data-root", default=None, help="directory of a data set read from disk (e.g. CIFAR-10 batches)")
+    p.add_argument("--out", required=True, help="results TSV (its configuration goes to OUT.json)")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="noise level in input units, pixels in [0, 1] (default: the checkpoint's training sigma)")
+    if certify:
+        p.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
+    p.add_argument("--n", type=int, default=100_000, help="estimation samples (default 100,000)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    p.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass (default 1000)")
+    p.add_argument("--inputs-per-batch", type=int, default=1,
+                   help="inputs that share a forward pass (more is faster for small n; default 1)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of the base classifier; the certificate holds for the classifier in this dtype")
+    p.add_argument("--seed", type=int, default=0, help="run seed; each input's noise derives from it and its index")
+    p.add_argument("--skip", type=int, default=1, help="certify every SKIP-th input of the split (default 1)")
+    p.add_argument("--max", type=int, default=None, help="stop before this dataset index")
+    p.add_argument("--device", default="auto", help="auto (accelerator if any, else cpu), cpu, cuda:0, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _setup(args):
+    from .data import load_dataset
+
+    device = resolve_device(args.device)
+    model, config, fingerprint = load_base_classifier(args.checkpoint, device)
+    dataset = load_dataset(args.dataset or config.get("dataset"), args.split, root=args.data_root)
+    if args.sigma is None:
+        if config.get("sigma") is None:
+            raise ValueError("give --sigma (the checkpoint does not record a training sigma)")
+        args.sigma = float(config["sigma"])
+    num_classes = int(config.get("num_classes", dataset.num_classes))
+    if num_classes != dataset.num_classes:
+        raise ValueError(f"the checkpoint predicts {num_classes} classes, the data set has {dataset.num_classes}")
+    indices = select_indices(len(dataset), args.skip, args.max)
+
+    def inputs(batch):
+        x, y = dataset.batch(batch)
+        return x.to(device), y
+
+    run = {"dataset": dataset.name, "split": dataset.split, "skip": args.skip, "max": args.max,
+           "checkpoints": fingerprint, "num_classes": num_classes, "n": args.n, "alpha": args.alpha,
+           "batch_size": args.batch_size, "inputs_per_batch": args.inputs_per_batch, "dtype": args.dtype,
+           "seed": args.seed, "indices": f"range(0, {indices[-1] + 1 if indices else 0}, {args.skip})",
+           "count": len(indices)}
+    return device, model, num_classes, dataset, indices, inputs, run
+
+
+def cmd_certify(args) -> int:
+    cls = method_class(args.method)
+    device, model, num_classes, _, indices, inputs, run = _setup(args)
+    method = cls.from_args(args)
+    ctx = RunContext(model, num_classes, args.n0, args.n, args.alpha, args.batch_size, DTYPES[args.dtype],
+                     args.seed, device, args.inputs_per_batch)
+    columns = CERTIFY_COLUMNS + COMMON_COLUMNS + tuple(c for c in cls.columns if c not in COMMON_COLUMNS)
+    results = ResultsFile(Path(args.out), columns, {"command": "certify", **run, "n0": args.n0,
+                                                    "method": method.config()})
+    try:
+        run_dataset(results, inputs, indices, lambda x, y, idx: method.certify(ctx, x, y, idx),
+                    inputs_per_batch=args.inputs_per_batch,
+                    on_open=lambda done: method.open(ctx, results.path, done), progress=not args.no_progress)
+    finally:
+        method.close()
+    print(f"wrote {results.path} ({len(indices)} inputs) and {results.sidecar}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    device, model, num_classes, _, indices, inputs, run = _setup(args)
+    noise = IsotropicGaussian(args.sigma)
+    dtype = DTYPES[args.dtype]
+    block = max(1, args.batch_size // args.inputs_per_batch)
+
+    def process(x, labels, idx):
+        gens = [input_generator(args.seed, i, "predict", device) for i in idx]
+        out = predict(model, x, noise, num_classes, args.n, args.alpha, batch_size=args.batch_size, block=block,
+                      generators=gens, dtype=dtype)
+        return [{"predict": int(c)} for c in out]
+
+    results = ResultsFile(Path(args.out), PREDICT_COLUMNS, {"command": "predict", **run, "sigma": args.sigma})
+    run_dataset(results, inputs, indices, process, inputs_per_batch=args.inputs_per_batch,
+                progress=not args.no_progress)
+    print(f"wrote {results.path} ({len(indices)} inputs) and {results.sidecar}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .evaluation import report
+
+    print(report(args.files, radii=args.radii, latex=args.latex, plot=args.plot, labels=args.labels,
+                 proxy=args.proxy))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), num_inputs=args.inputs, n=args.n, retrain=args.retrain)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smoothcert", description="Certified robustness by randomized smoothing.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from .training import add_train_arguments, run_train
+
+    p = sub.add_parser("train", help="train a base classifier under noise")
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("certify", help="certify a data set split; resumable TSV results")
+    _common(p, certify=True)
+    p.add_argument("--method", default="fixed", choices=sorted(_methods.CertifyMethod.registry),
+                   help="certification method (default: fixed, Cohen et al.)")
+    for cls in {c: None for c in _methods.CertifyMethod.registry.values()}:
+        cls.add_arguments(p)
+    p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("predict", help="PREDICT (with abstention) over a data set split; resumable TSV results")
+    _common(p, certify=False)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="tables (Markdown or LaTeX) and a plot from results files")
+    p.add_argument("files", nargs="+", help="results TSVs (smoothcert's or the classic reference code's)")
+    p.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
+                   help="radii at which to report certified accuracy")
+    p.add_argument("--labels", nargs="+", default=None, help="one name per file (default: file names)")
+    p.add_argument("--latex", action="store_true", help="print a LaTeX table instead of Markdown")
+    p.add_argument("--plot", default=None, help="write a PNG of certified accuracy against radius here")
+    p.add_argument("--proxy", action="store_true", help="also report certified accuracy at proxy radii and proxy ACR")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="train a noise-robust MNIST model and certify 100 test digits at sigma 0.25")
+    p.add_argument("--out", default="demo-output", help="folder for the model, results, table and plot")
+    p.add_argument("--inputs", type=int, default=100, help="test digits to certify (default 100)")
+    p.add_argument("--n", type=int, default=10_000, help="estimation samples per digit (default 10,000)")
+    p.add_argument("--retrain", action="store_true", help="train even if the folder holds a model")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"smoothcert {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"smoothcert {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
