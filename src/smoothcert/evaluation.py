@@ -86,7 +86,9 @@ def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii: Sequence[
     correct = np.asarray(correct, dtype=bool)
     if len(radius) == 0:
         return np.full(len(radii), math.nan)
-    return np.array([float(np.mean(correct & (radius >= r))) for r in radii])
+    certified = np.sort(radius[correct])
+    below = np.searchsorted(certified, np.asarray(radii, dtype=float), side="left")
+    return (len(certified) - below) / len(radius)
 
 
 def average_certified_radius(radius: np.ndarray, correct: np.ndarray) -> float:

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from smoothcert.evaluation import average_certified_radius, certified_accuracy, load_results, report
+
+CLASSIC = """idx\tlabel\tpredict\tradius\tcorrect\ttime
+0\t7\t7\t0.812\t1\t0:00:01.234567
+1\t2\t2\t0.100\t1\t0:00:01.5
+2\t1\t3\t0.500\t0\t0:00:01.2
+3\t0\t-1\t0.0\t0\t0:01:00.0
+"""
+
+
+def test_reads_the_reference_code_logs(tmp_path):
+    path = tmp_path / "classic.tsv"
+    path.write_text(CLASSIC)
+    res = load_results(path)
+    assert len(res) == 4
+    assert res.seconds[0] == pytest.approx(1.234567) and res.seconds[3] == pytest.approx(60.0)
+    assert certified_accuracy(res.radius, res.correct, [0.0, 0.5, 0.9]).tolist() == [0.5, 0.25, 0.0]
+    # ACR counts wrong and abstained inputs as 0
+    assert average_certified_radius(res.radius, res.correct) == pytest.approx((0.812 + 0.1) / 4)
+    text = report([path], radii=[0, 0.5])
+    assert "| classic | 4 | 0.500 | 0.250 | 0.228 | 0.500 | 0.250 |" in text
+
+
+def test_certified_accuracy_against_brute_force():
+    rng = np.random.default_rng(0)
+    radius = rng.exponential(0.5, 500)
+    correct = rng.random(500) < 0.8
+    radii = np.linspace(0, 2, 17)
+    expected = [sum(1 for r, c in zip(radius, correct) if c and r >= t) / 500 for t in radii]
+    assert np.allclose(certified_accuracy(radius, correct, radii), expected)
+    # the area under the certified-accuracy curve is the ACR
+    grid = np.linspace(0, radius.max() + 1, 200_001)
+    area = np.trapezoid(certified_accuracy(radius, correct, grid), grid)
+    assert area == pytest.approx(average_certified_radius(radius, correct), abs=1e-3)
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        report([tmp_path / "missing.tsv"])
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("a\tb\n1\t2\n")
+    with pytest.raises(ValueError, match="not a results file"):
+        report([bad])
+    good = tmp_path / "g.tsv"
+    good.write_text(CLASSIC)
+    with pytest.raises(ValueError, match="labels"):
+        report([good], labels=["a", "b"])
