@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from smoothcert.evaluation import average_certified_radius, certified_accuracy, load_results, report
+from smoothcert.evaluation import average_certified_radius, average_radius_improvement, certified_accuracy, load_results, report
 
 CLASSIC = """idx\tlabel\tpredict\tradius\tcorrect\ttime
 0\t7\t7\t0.812\t1\t0:00:01.234567
@@ -48,3 +48,16 @@ def test_report_errors(tmp_path):
     good.write_text(CLASSIC)
     with pytest.raises(ValueError, match="labels"):
         report([good], labels=["a", "b"])
+
+
+def test_average_radius_improvement_matches_by_index(tmp_path):
+    base = tmp_path / "base.tsv"
+    base.write_text(CLASSIC)
+    # the same inputs in another order, with larger radii on 0 and 1; input 2 is wrong in both
+    other = tmp_path / "other.tsv"
+    other.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\tradius_proxy\n"
+                     "1\t2\t2\t0.300\t1\t1.0\t0.5\n0\t7\t7\t0.912\t1\t1.0\t1.0\n2\t1\t1\t0.5\t1\t1.0\t0.6\n")
+    a, b = load_results(other), load_results(base)
+    assert average_radius_improvement(a, b) == pytest.approx(((0.912 - 0.812) + (0.3 - 0.1)) / 2)
+    assert average_radius_improvement(a, b, proxy=True) == pytest.approx(((1.0 - 0.812) + (0.5 - 0.1)) / 2)
+    assert "ARI vs base" in report([other], baseline=base)

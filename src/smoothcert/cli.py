@@ -152,7 +152,7 @@ def cmd_report(args) -> int:
     from .evaluation import report
 
     print(report(args.files, radii=args.radii, latex=args.latex, plot=args.plot, labels=args.labels,
-                 proxy=args.proxy))
+                 proxy=args.proxy, baseline=args.baseline))
     return 0
 
 
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latex", action="store_true", help="print a LaTeX table instead of Markdown")
     p.add_argument("--plot", default=None, help="write a PNG of certified accuracy against radius here")
     p.add_argument("--proxy", action="store_true", help="also report certified accuracy at proxy radii and proxy ACR")
+    p.add_argument("--baseline", default=None,
+                   help="a results file to compare against: ARI and proxy ARI (mean radius gain on inputs both got right)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="train a noise-robust MNIST model and certify 100 test digits at sigma 0.25")

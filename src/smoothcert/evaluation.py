@@ -5,6 +5,8 @@
 * ACR, the average certified radius: the mean over all inputs of ``radius * correct`` (seed 002, MACER).
 * proxy ACR: the same with ANCER's proxy radius (seed 000 section 5.2).
 * abstention rate: the share of inputs with prediction -1.
+* ARI / proxy ARI, the average (proxy) radius improvement of a method over a baseline (seed 000 section 5.2):
+  the mean of ``R_method - R_baseline`` over the inputs both classify correctly, matched by dataset index.
 
 Reads smoothcert's TSVs and the logs of the classic reference code (same first columns, ``time`` as
 ``H:MM:SS.ffffff``).
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Results", "load_results", "certified_accuracy", "average_certified_radius", "report", "plot_curves"]
+__all__ = ["Results", "load_results", "certified_accuracy", "average_certified_radius", "average_radius_improvement",
+           "report", "plot_curves"]
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Results:
     """The columns of one results file as arrays (``radius_proxy`` falls back to ``radius``)."""
 
     name: str
+    idx: np.ndarray
     label: np.ndarray
     predict: np.ndarray
     radius: np.ndarray
@@ -70,6 +74,7 @@ def load_results(path: str | Path, name: str | None = None) -> Results:
     radius = floats("radius")
     return Results(
         name=name or path.stem,
+        idx=floats("idx").astype(int),
         label=floats("label").astype(int),
         predict=floats("predict").astype(int),
         radius=radius,
@@ -95,6 +100,19 @@ def average_certified_radius(radius: np.ndarray, correct: np.ndarray) -> float:
     """ACR: mean of ``radius`` over all inputs, counting 0 for wrong or abstained ones."""
     radius = np.asarray(radius, dtype=float)
     return float(np.mean(np.where(np.asarray(correct, dtype=bool), radius, 0.0))) if len(radius) else math.nan
+
+
+def average_radius_improvement(method: Results, baseline: Results, *, proxy: bool = False) -> float:
+    """ARI (or proxy ARI): mean of ``R_method - R_baseline`` over inputs both got right, matched by dataset index."""
+    common, a, b = np.intersect1d(method.idx, baseline.idx, return_indices=True)
+    if len(common) == 0:
+        raise ValueError(f"{method.name} and {baseline.name} share no dataset index")
+    both = method.correct[a] & baseline.correct[b]
+    if not both.any():
+        return math.nan
+    ra = (method.radius_proxy if proxy else method.radius)[a]
+    rb = (baseline.radius_proxy if proxy else baseline.radius)[b]
+    return float(np.mean((ra - rb)[both]))
 
 
 def _table(header: list[str], rows: list[list[str]], latex: bool) -> str:
@@ -154,14 +172,27 @@ def plot_curves(results: Sequence[Results], path: str | Path, *, proxy: bool = F
     return path
 
 
+def improvement_table(results: Sequence[Results], baseline: Results, *, latex: bool = False) -> str:
+    """ARI and proxy ARI of each results file over ``baseline`` (seed 000 section 5.2)."""
+    header = ["method", f"ARI vs {baseline.name}", f"proxy ARI vs {baseline.name}"]
+    rows = [[r.name, f"{average_radius_improvement(r, baseline):.4f}",
+             f"{average_radius_improvement(r, baseline, proxy=True):.4f}"] for r in results]
+    return _table(header, rows, latex)
+
+
 def report(files: Sequence[str | Path], *, radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
            latex: bool = False, plot: str | Path | None = None, labels: Sequence[str] | None = None,
-           proxy: bool = False) -> str:
-    """The table for ``files`` (and a plot when ``plot`` is a path); returns the text to print."""
+           proxy: bool = False, baseline: str | Path | None = None) -> str:
+    """The table for ``files`` (and a plot when ``plot`` is a path); returns the text to print.
+
+    With ``baseline`` (another results file), also ARI and proxy ARI of each file over it.
+    """
     if labels is not None and len(labels) != len(files):
         raise ValueError(f"got {len(labels)} labels for {len(files)} files")
     results = [load_results(f, None if labels is None else labels[i]) for i, f in enumerate(files)]
     text = summary_table(results, radii, latex=latex, proxy=proxy)
+    if baseline is not None:
+        text += "\n\n" + improvement_table(results, load_results(baseline), latex=latex)
     if plot is not None:
         text += f"\n\nplot: {plot_curves(results, plot)}"
     return text
