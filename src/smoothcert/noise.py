@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from .regions import Ball, Ellipsoid, Region
+from .stats import gap as normal_gap
 from .validation import check_positive
 
 __all__ = ["Noise", "IsotropicGaussian", "DiagonalGaussian", "RotatedGaussian", "FullGaussian", "noise_from_parameters"]
@@ -58,6 +59,13 @@ class Noise(ABC):
              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``num`` independent draws of shape ``(num, *shape)``."""
         return self.fill_(torch.empty((num, *shape), device=device, dtype=dtype), generator)
+
+    def gap(self, p_lower: float) -> float:
+        """The gap certified by a lower bound ``p_lower >= 1/2`` of the top class's probability.
+
+        ``Phi^-1(p_lower)`` for Gaussian noise (seed 000 eq. 3.3); other families override it.
+        """
+        return float(normal_gap(p_lower))
 
     def radius(self, gap: float) -> float:
         """Inscribed l2 radius of the region for ``gap``: ``gap * min(scales)``."""

@@ -25,7 +25,7 @@ import torch
 from .noise import IsotropicGaussian, Noise
 from .regions import Region
 from .sampling import DTYPES, sample_counts
-from .stats import binomial_pvalue, clopper_pearson_lower, gap as normal_gap
+from .stats import binomial_pvalue, clopper_pearson_lower
 from .validation import (
     check_alpha,
     check_count,
@@ -136,7 +136,7 @@ def certify(
             out.append(Certificate(ABSTAIN, p, counts[i], float("nan"), None, 0.0, 0.0, n0, n, alpha,
                                    dtype_name(dtype), noises[i], seed))
             continue
-        g = float(normal_gap(p))
+        g = float(noises[i].gap(p))
         region = noises[i].region(x[i], g)
         out.append(Certificate(int(top[i]), p, counts[i], g, region, region.inscribed_radius,
                                region.proxy_radius, n0, n, alpha, dtype_name(dtype), noises[i], seed))
