@@ -42,14 +42,20 @@ METHODS = ("auto", "jacobian", "double")
 
 
 def is_piecewise_linear(model: Callable) -> bool:
-    """True when every module of ``model`` (itself included) is of a type in :data:`PIECEWISE_LINEAR_MODULES`.
+    """True when every module of ``model`` (itself included) is of a type in :data:`PIECEWISE_LINEAR_MODULES`
+    (or a subclass of ``nn.Sequential`` that keeps its forward).
 
     A module with a forward of its own (any other class) may apply a smooth function, so it does not count;
     :func:`hessian_method` then probes numerically.
     """
     if not isinstance(model, nn.Module):
         return False
-    return all(type(m) in PIECEWISE_LINEAR_MODULES for m in model.modules())
+
+    def known(m: nn.Module) -> bool:
+        return type(m) in PIECEWISE_LINEAR_MODULES or (
+            isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward)
+
+    return all(known(m) for m in model.modules())
 
 
 def _logits(model: Callable, x: torch.Tensor, create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,170 @@
+"""RANCER: non-axis-aligned anisotropic certification (seed 000 chapter 4, Algorithm 2).
+
+Per input: the isotropic DDS scale ``theta_iso = sigma_x`` (eq. 3.7); the rotation ``U`` = eigenvectors of the
+Hessian of the loss w.r.t. the input at ``x`` (section 4.2, eq. 4.7; :mod:`smoothcert.hessian`, the Jacobian
+form ``J^T (diag(p) - p p^T) J`` for piecewise-linear networks); then ANCER's optimization of ``theta`` for the
+noise ``U diag(theta) w`` (eq. 4.2-4.3), with ``theta`` clipped to ``[theta_iso (1 - lambda_1),
+theta_iso (1 + lambda_2)]`` after every step (eq. 4.8; default ``lambda_1 = lambda_2 = 0.5``, the public
+window ``[0.5, 1.5] x theta_iso``). The certificate is the rotated ellipsoid ``{||diag(1/theta) U^T delta||_2
+<= gap}`` (eq. 4.4) on fresh samples, then memory.
+
+An input whose Hessian is not finite keeps the identity basis (ANCER's axis-aligned noise, within the same
+clipping window) and its row says ``basis = axis``.
+
+``--method rancer-best``: the thesis runs ANCER and RANCER and keeps the better (section 5.5, "RANCER Run
+Clarification"). Choosing between two certificates by their *certified* size would reuse the certification
+samples for a selection and void the bound; here the choice is made before certification, on a separate
+``choose`` stream: each candidate's proxy radius ``gap(p_hat) * geomean(theta)`` is estimated from
+``--select-samples`` hard predictions under that candidate's noise (``p_hat`` the frequency of ``c_A``), the
+larger wins, and only the winner is certified on the fresh ``select`` / ``estimate`` streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..hessian import METHODS as HESSIAN_METHODS, hessian_basis
+from ..noise import DiagonalGaussian, RotatedGaussian
+from ..sampling import sample_counts
+from ..stats import gap as normal_gap
+from .ancer import ANCER, optimize_ancer
+from .base import RunContext
+from .datadependent import CLAMP, Choice
+
+__all__ = ["RANCER", "RANCERBest"]
+
+
+class RANCER(ANCER):
+    """``--method rancer``: DDS, Hessian eigenvector basis, clipped ANCER optimization in that basis; memory."""
+
+    name = "rancer"
+    norms = ("l2",)
+    columns = ANCER.columns + ("basis",)
+
+    def __init__(self, sigma: float, *, lambda1: float = 0.5, lambda2: float = 0.5, hessian: str = "auto",
+                 **kwargs: Any):
+        super().__init__(sigma, **kwargs)
+        if not (isinstance(lambda1, (int, float)) and 0 <= lambda1 < 1):
+            raise ValueError(f"--rancer-lambda1 must be in [0, 1) (the window's lower end is theta_iso (1 - "
+                             f"lambda1) > 0), got {lambda1!r}")
+        if not (isinstance(lambda2, (int, float)) and 0 <= lambda2 < float("inf")):
+            raise ValueError(f"--rancer-lambda2 must be a finite number >= 0, got {lambda2!r}")
+        if hessian not in HESSIAN_METHODS:
+            raise ValueError(f"--hessian must be one of {', '.join(HESSIAN_METHODS)}, got {hessian!r}")
+        self.lambda1, self.lambda2, self.hessian = float(lambda1), float(lambda2), hessian
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        if getattr(parser, "_smoothcert_rancer_options", False):
+            return
+        parser._smoothcert_rancer_options = True  # type: ignore[attr-defined]
+        g = parser.add_argument_group("rancer, rancer-best")
+        g.add_argument("--rancer-lambda1", type=float, default=0.5,
+                       help="theta >= theta_iso (1 - lambda1) during optimization (seed 000 eq. 4.8; default 0.5)")
+        g.add_argument("--rancer-lambda2", type=float, default=0.5,
+                       help="theta <= theta_iso (1 + lambda2) during optimization (default 0.5)")
+        g.add_argument("--hessian", choices=HESSIAN_METHODS, default="auto",
+                       help="Hessian form: auto (Jacobian form for piecewise-linear networks), jacobian, double")
+        g.add_argument("--select-samples", type=int, default=1000,
+                       help="rancer-best: samples per candidate on the separate choose stream (default 1000)")
+
+    @classmethod
+    def rancer_kwargs(cls, args: argparse.Namespace) -> dict[str, Any]:
+        return dict(lambda1=args.rancer_lambda1, lambda2=args.rancer_lambda2, hessian=args.hessian,
+                    steps=args.ancer_steps, lr=args.ancer_lr, kappa=args.kappa, **cls.common_kwargs(args))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RANCER":
+        return cls(args.sigma, **cls.rancer_kwargs(args))
+
+    def stage_config(self) -> dict[str, Any]:
+        return {**super().stage_config(), "rancer_lambda1": self.lambda1, "rancer_lambda2": self.lambda2,
+                "hessian": self.hessian}
+
+    def optimize_rotated(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int], iso
+                         ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(RANCER result, basis (B, d, d) float64, finite-Hessian mask) given the DDS result ``iso``."""
+        basis, _, finite, _ = hessian_basis(ctx.model, x, self.hessian)
+        scale = iso.params
+        result = optimize_ancer(ctx.model, x, scale, generators=ctx.generators(indices, "optimize-rancer"),
+                                lower=scale * (1 - self.lambda1), upper=scale * (1 + self.lambda2), basis=basis,
+                                steps=self.steps, lr=self.lr, samples=self.samples, kappa=self.kappa,
+                                gap=self.gap, classes=iso.classes, max_batch=self.max_batch or ctx.batch_size)
+        return result, basis, finite
+
+    def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
+        iso = self.dds_stage(ctx, x, indices)
+        result, basis, finite_basis = self.optimize_rotated(ctx, x, indices, iso)
+        choices = []
+        for i in range(x.shape[0]):
+            if not (bool(iso.finite[i]) and bool(result.finite[i])):
+                choices.append(Choice(self.base_noise(), {"basis": "none"}, "non-finite optimization"))
+                continue
+            noise = RotatedGaussian(basis[i], result.params[i].double())
+            choices.append(Choice(noise, {"scale_iso": float(iso.params[i]),
+                                          "basis": "hessian" if bool(finite_basis[i]) else "axis"}))
+        return choices
+
+
+class RANCERBest(RANCER):
+    """``--method rancer-best``: ANCER and RANCER per input, the larger estimated proxy radius is certified."""
+
+    name = "rancer-best"
+    columns = RANCER.columns + ("chosen", "proxy_ancer", "proxy_rancer")
+
+    def __init__(self, sigma: float, *, select_samples: int = 1000, **kwargs: Any):
+        super().__init__(sigma, **kwargs)
+        if isinstance(select_samples, bool) or not isinstance(select_samples, int) or select_samples < 1:
+            raise ValueError(f"--select-samples must be an integer >= 1, got {select_samples!r}")
+        self.select_samples = select_samples
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RANCERBest":
+        return cls(args.sigma, select_samples=args.select_samples, **cls.rancer_kwargs(args))
+
+    def stage_config(self) -> dict[str, Any]:
+        return {**super().stage_config(), "select_samples": self.select_samples}
+
+    def estimated_proxy(self, ctx: RunContext, x: torch.Tensor, noises: Sequence, classes: torch.Tensor,
+                        generators: Sequence[torch.Generator]) -> np.ndarray:
+        """``gap(p_hat) * geomean(scales)`` per input, ``p_hat`` from the ``choose`` stream (never certification)."""
+        counts = sample_counts(ctx.model, x, list(noises), self.select_samples, ctx.num_classes,
+                               batch_size=ctx.batch_size, block=ctx.block, generators=generators, dtype=ctx.dtype)
+        hits = counts.gather(1, classes.to(counts.device)[:, None])[:, 0].cpu().numpy()
+        p_hat = np.clip(hits / self.select_samples, *CLAMP)
+        geo = np.array([float(torch.exp(torch.log(torch.as_tensor(n.scales(), dtype=torch.float64)).mean()))
+                        for n in noises])
+        return np.asarray(normal_gap(p_hat)) * geo
+
+    def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
+        iso, axis = self.optimize(ctx, x, indices)
+        rotated, basis, finite_basis = self.optimize_rotated(ctx, x, indices, iso)
+        ok = (iso.finite & axis.finite & rotated.finite).tolist()
+        ancer = [DiagonalGaussian(axis.params[i].reshape(x.shape[1:]).double()) if ok[i] else self.base_noise()
+                 for i in range(x.shape[0])]
+        rancer = [RotatedGaussian(basis[i], rotated.params[i].double()) if ok[i] else self.base_noise()
+                  for i in range(x.shape[0])]
+        # Each candidate gets its own stream, so the two estimates are independent of each other and of the
+        # certification streams.
+        proxy_a = self.estimated_proxy(ctx, x, ancer, iso.classes, ctx.generators(indices, "choose-ancer"))
+        proxy_r = self.estimated_proxy(ctx, x, rancer, iso.classes, ctx.generators(indices, "choose-rancer"))
+        choices = []
+        for i in range(x.shape[0]):
+            if not ok[i]:
+                choices.append(Choice(self.base_noise(), {"basis": "none", "chosen": "none",
+                                                          "proxy_ancer": float("nan"), "proxy_rancer": float("nan")},
+                                      "non-finite optimization"))
+                continue
+            pick_rancer = bool(proxy_r[i] > proxy_a[i])
+            extra = {"scale_iso": float(iso.params[i]), "chosen": "rancer" if pick_rancer else "ancer",
+                     "proxy_ancer": float(proxy_a[i]), "proxy_rancer": float(proxy_r[i]),
+                     "basis": ("hessian" if bool(finite_basis[i]) else "axis") if pick_rancer else "axis"}
+            choices.append(Choice(rancer[i] if pick_rancer else ancer[i], extra))
+        return choices
+

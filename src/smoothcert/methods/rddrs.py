@@ -1,0 +1,198 @@
+"""RDDRS: Riemannian data-dependent randomized smoothing (Labarbarie, Hajri, Arnaudon; seed 003).
+
+Per input, a full symmetric positive definite scale ``C`` (noise ``C w``, ``w ~ N(0, I)``, as in
+:class:`~smoothcert.noise.FullGaussian`) certifies the ellipsoid ``{||C^-1 delta||_2 <= gap}`` whose semi-axes
+are ``C``'s eigenvalues ``lambda_i`` times the gap (seed 003 eq. 2). ``C`` maximizes the penalized objective
+(eq. 5)
+
+    H(C) = R(C) P(C) + kappa K(C) R(C),   P = geomean(lambda) = exp(mean log lambda),   K = min lambda,
+
+with ``R(C) = gap(G(C))``, ``G(C) = E[softmax f(x + C Z)]``, subject to ``lambda_i >= sigma*`` (the DDS scale
+of eq. 3), by Riemannian gradient ascent for the affine-invariant metric ``g_C(A, B) = tr(C^-1 A C^-1 B)``:
+
+    C <- Exp_C(gamma grad H(C)),   grad H(C) = C sym(dH/dC) C,
+    Exp_C(V) = C^1/2 expm(C^-1/2 V C^-1/2) C^1/2                                   (eq. 6),
+
+so ``Exp_C(gamma C E C) = C^1/2 expm(gamma C^1/2 E C^1/2) C^1/2`` with ``E`` the symmetrized Euclidean gradient.
+``dR/dC`` is the Monte Carlo gradient of eq. 6's ``E[A]`` (reparameterized: ``d/dC f(x + C Z) = grad f(y) Z^T``,
+symmetrized), ``dP/dC = P C^-1 / d`` and ``dK/dC = v v^T`` (``v`` the eigenvector of the smallest eigenvalue),
+so the Riemannian gradients of P and K are ``P C / d`` and ``lambda_min^2 v v^T`` as in the paper. After every
+step ``C`` is re-symmetrized and its eigenvalues are clipped to ``>= sigma*``. All matrix functions are
+eigen-decompositions of symmetric matrices in float64.
+
+Defaults: ``kappa = 1e-6``, ``gamma = 1``, 100 steps (seed 003 section 4), and ``--rddrs-samples 1000`` Monte
+Carlo samples per step for the gradient of ``G`` - the paper uses 20,000; fewer samples make each step ~20x
+cheaper and the ascent noisier (the trade-off is measured by ``benchmarks/optimization.py``). For MNIST (d = 784)
+each input carries a 784 x 784 matrix: two eigen-decompositions per step, slow on a CPU but exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..noise import FullGaussian
+from .base import RunContext
+from .datadependent import (Choice, DataDependentMethod, OptimizationResult, mean_probs, objective_and_gradient,
+                            objective_gap, rows_finite, standard_draws)
+
+__all__ = ["optimize_rddrs", "spd_exp", "RDDRS"]
+
+
+def _sym(a: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (a + a.transpose(-1, -2))
+
+
+def _compose(vectors: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``V diag(values) V^T``, exactly symmetric."""
+    return _sym((vectors * values.unsqueeze(-2)) @ vectors.transpose(-1, -2))
+
+
+def spd_exp(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The affine-invariant exponential map ``Exp_C(V) = C^1/2 expm(C^-1/2 V C^-1/2) C^1/2`` (seed 003 eq. 6).
+
+    ``c`` SPD and ``v`` symmetric, (..., d, d); float64 eigen-decompositions.
+    """
+    values, vectors = torch.linalg.eigh(_sym(c.double()))
+    half = _compose(vectors, values.sqrt())
+    inv_half = _compose(vectors, values.rsqrt())
+    mu, r = torch.linalg.eigh(_sym(inv_half @ v.double() @ inv_half))
+    return _sym(half @ _compose(r, mu.exp()) @ half)
+
+
+def optimize_rddrs(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigma_star: float | torch.Tensor,
+    *,
+    generators: Sequence[torch.Generator | None],
+    steps: int = 100,
+    lr: float = 1.0,
+    samples: int = 1000,
+    kappa: float = 1e-6,
+    gap: str = "pa",
+    classes: torch.Tensor | None = None,
+    max_batch: int | None = None,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> OptimizationResult:
+    """Riemannian ascent of eq. 5 for every input of ``x`` (B, *shape) at once; returns (B, d, d) float64 ``C``.
+
+    ``C`` starts at ``sigma* I`` and keeps eigenvalues ``>= sigma*`` (scalar or (B,)). ``callback(step, C)``
+    sees ``C`` after every update (symmetric, clipped).
+    """
+    b, shape = x.shape[0], tuple(x.shape[1:])
+    d = int(torch.tensor(shape).prod()) if shape else 1
+    if len(generators) != b:
+        raise ValueError(f"got {len(generators)} generators for {b} inputs")
+    x = x.detach().float()
+    floor = torch.as_tensor(sigma_star, dtype=torch.float64, device=x.device).expand(b).clone()
+    if not bool(torch.isfinite(floor).all()) or bool((floor <= 0).any()):
+        raise ValueError("sigma_star (the eigenvalue floor) must be finite and > 0")
+    values = floor[:, None].expand(b, d).clone()
+    vectors = torch.eye(d, dtype=torch.float64, device=x.device).expand(b, d, d).clone()
+    c = _compose(vectors, values)
+    finite = torch.ones(b, dtype=torch.bool, device=x.device)
+    history = []
+    state: dict[str, Any] = {"classes": classes}
+
+    for step in range(steps):
+        leaf = c.float().requires_grad_(True)
+        geo = torch.exp(torch.log(values).mean(dim=1))  # P(C)
+        low, low_index = values.min(dim=1)  # K(C)
+        factor = (geo + kappa * low).float()
+
+        def perturb(w: torch.Tensor) -> torch.Tensor:
+            m = w.shape[1]
+            return torch.bmm(w.reshape(b, m, d), leaf).reshape(b, m, *shape)  # rows (C w)^T, C symmetric
+
+        def objective(probs: torch.Tensor) -> torch.Tensor:
+            if state["classes"] is None:
+                state["classes"] = probs.detach().argmax(dim=1)
+            return objective_gap(probs, state["classes"], "gaussian", gap) * factor
+
+        w = standard_draws(generators, samples, shape, "gaussian", x.device)
+        obj, (grad_c,) = objective_and_gradient(model, x, w, perturb, objective, [leaf], max_batch)
+        history.append(obj)
+        r = (obj / factor).double()  # R(C)
+        v_min = torch.gather(vectors, 2, low_index[:, None, None].expand(b, d, 1))
+        euclid = grad_c.double() + r[:, None, None] * (
+            (geo / d)[:, None, None] * _compose(vectors, 1.0 / values) + kappa * (v_min @ v_min.transpose(1, 2)))
+        euclid = _sym(euclid)
+        ok = finite & rows_finite(obj, euclid)
+        half = _compose(vectors, values.sqrt())
+        tangent = torch.where(ok[:, None, None], _sym(half @ (lr * euclid) @ half), torch.zeros_like(euclid))
+        mu, rot = torch.linalg.eigh(tangent)
+        step_exp = _compose(rot, mu.exp())
+        ok &= rows_finite(step_exp)
+        new_c = torch.where(ok[:, None, None], _sym(half @ step_exp @ half), c)
+        new_values, new_vectors = torch.linalg.eigh(new_c)
+        new_values = torch.maximum(new_values, floor[:, None])
+        ok &= rows_finite(new_values, new_vectors)
+        values = torch.where(ok[:, None], new_values, values)
+        vectors = torch.where(ok[:, None, None], new_vectors, vectors)
+        c = _compose(vectors, values)
+        finite = ok
+        if callback is not None:
+            callback(step, c)
+    if state["classes"] is None:
+        w = standard_draws(generators, samples, shape, "gaussian", x.device)
+        leaf = c.float()
+        state["classes"] = mean_probs(model, x, w, lambda v: torch.bmm(v.reshape(b, v.shape[1], d), leaf)
+                                      .reshape(b, v.shape[1], *shape), max_batch).argmax(dim=1)
+    objective_history = torch.stack(history) if history else torch.empty((0, b), device=x.device)
+    return OptimizationResult(c, state["classes"], objective_history, finite)
+
+
+class RDDRS(DataDependentMethod):
+    """``--method rddrs``: DDS, then a full SPD scale by Riemannian ascent (seed 003 eq. 5-6); memory."""
+
+    name = "rddrs"
+
+    def __init__(self, sigma: float, *, steps: int = 100, lr: float = 1.0, rddrs_samples: int = 1000,
+                 kappa: float = 1e-6, **common: Any):
+        super().__init__(sigma, **common)
+        from .ancer import _check_stage
+
+        _check_stage(steps, lr, kappa)
+        if isinstance(rddrs_samples, bool) or not isinstance(rddrs_samples, int) or rddrs_samples < 1:
+            raise ValueError(f"--rddrs-samples must be an integer >= 1, got {rddrs_samples!r}")
+        self.steps, self.lr, self.rddrs_samples, self.kappa = steps, float(lr), rddrs_samples, float(kappa)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        if getattr(parser, "_smoothcert_rddrs_options", False):
+            return
+        parser._smoothcert_rddrs_options = True  # type: ignore[attr-defined]
+        g = parser.add_argument_group("rddrs")
+        g.add_argument("--rddrs-steps", type=int, default=100, help="Riemannian ascent steps (default 100)")
+        g.add_argument("--rddrs-lr", type=float, default=1.0, help="step size gamma (default 1)")
+        g.add_argument("--rddrs-samples", type=int, default=1000,
+                       help="Monte Carlo samples per step for the gradient of G (default 1000; the paper: 20000)")
+        g.add_argument("--rddrs-kappa", type=float, default=1e-6, help="weight of the min-eigenvalue term (1e-6)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RDDRS":
+        return cls(args.sigma, steps=args.rddrs_steps, lr=args.rddrs_lr, rddrs_samples=args.rddrs_samples,
+                   kappa=args.rddrs_kappa, **cls.common_kwargs(args))
+
+    def stage_config(self) -> dict[str, Any]:
+        return {"rddrs_steps": self.steps, "rddrs_lr": self.lr, "rddrs_samples": self.rddrs_samples,
+                "rddrs_kappa": self.kappa}
+
+    def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
+        iso = self.dds_stage(ctx, x, indices)
+        floor = torch.where(iso.finite, iso.params, torch.full_like(iso.params, self.sigma)).double()
+        result = optimize_rddrs(ctx.model, x, floor, generators=ctx.generators(indices, "optimize-rddrs"),
+                                steps=self.steps, lr=self.lr, samples=self.rddrs_samples, kappa=self.kappa,
+                                gap=self.gap, classes=iso.classes, max_batch=self.max_batch or ctx.batch_size)
+        choices = []
+        for i in range(x.shape[0]):
+            if not (bool(iso.finite[i]) and bool(result.finite[i])):
+                choices.append(Choice(self.base_noise(), {}, "non-finite optimization"))
+                continue
+            choices.append(Choice(FullGaussian(result.params[i]), {"scale_iso": float(iso.params[i])}))
+        return choices

@@ -1,0 +1,199 @@
+"""DDS (seed 000 eq. 3.7) and the shared data-dependent pipeline: ascent, streams, saved noise, fall-backs."""
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from smoothcert.methods import RunContext
+from smoothcert.methods.datadependent import (DataDependentMethod, mean_probs, objective_and_gradient,
+                                              objective_gap, standard_draws)
+from smoothcert.methods.dds import DDS, optimize_dds
+from smoothcert.noise import IsotropicGaussian
+from smoothcert.sampling import input_generator
+from smoothcert.smooth import certify
+
+
+class Ellipse(torch.nn.Module):
+    """Class 1 inside the ellipse ``||diag(1/axes) R^T (x - c)|| < 1`` (soft logits), class 0 outside."""
+
+    def __init__(self, angle=0.0, axes=(0.6, 0.15), center=(0.5, 0.5), k=10.0):
+        super().__init__()
+        c, s = math.cos(angle), math.sin(angle)
+        self.register_buffer("rot", torch.tensor([[c, -s], [s, c]]))
+        self.register_buffer("axes", torch.tensor(axes))
+        self.register_buffer("c", torch.tensor(center))
+        self.k = k
+
+    def forward(self, x):
+        y = (x.reshape(x.shape[0], -1) - self.c) @ self.rot / self.axes
+        z = self.k * (1 - (y * y).sum(1))
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def gens(stream, n=1, seed=0):
+    return [input_generator(seed, i, stream) for i in range(n)]
+
+
+def radius_estimate(model, x, sigma, classes, n=20000):
+    """sigma * Phi^-1(p_A) from many samples of an evaluation stream (not the optimization's)."""
+    w = standard_draws(gens("evaluate", x.shape[0], seed=99), n, tuple(x.shape[1:]))
+    s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1)
+    p = mean_probs(model, x, w, lambda v: v * s)
+    return s.reshape(-1) * objective_gap(p, classes)
+
+
+def context(model, seed=0, n0=50, n=400, alpha=0.01, num_classes=2):
+    return RunContext(model, num_classes, n0, n, alpha, 200, torch.float32, seed, torch.device("cpu"))
+
+
+def test_ascent_raises_the_radius_and_keeps_the_floor():
+    model = Ellipse()
+    x = torch.tensor([[0.5, 0.5], [0.55, 0.45]])
+    seen = []
+    result = optimize_dds(model, x, 0.12, generators=gens("opt", 2), steps=150, lr=0.002, samples=100,
+                          callback=lambda step, s: seen.append(s.clone()))
+    assert result.params.shape == (2,) and result.objective.shape == (150, 2) and result.finite.all()
+    assert result.classes.tolist() == [1, 1]
+    assert all(bool((s >= 0.12 / 100).all()) for s in seen) and len(seen) == 150
+    start = radius_estimate(model, x, torch.tensor([0.12, 0.12]), result.classes)
+    end = radius_estimate(model, x, result.params, result.classes)
+    assert (end > start + 0.02).all(), (start, end)
+    # the optimum of sigma * Phi^-1(p) for this ellipse (minor semi-axis 0.15) lies near sigma = 0.05
+    assert ((result.params > 0.03) & (result.params < 0.08)).all(), result.params
+
+
+def test_batched_equals_one_at_a_time_and_chunking_does_not_change_gradients():
+    model = Ellipse(angle=0.3)
+    x = torch.rand(3, 2) * 0.2 + 0.4
+    whole = optimize_dds(model, x, 0.1, generators=gens("o", 3), steps=5, samples=40)
+    for i in range(3):
+        one = optimize_dds(model, x[i : i + 1], 0.1, generators=gens("o", 3)[i : i + 1], steps=5, samples=40)
+        assert torch.allclose(one.params, whole.params[i : i + 1], atol=1e-6)
+    # the two-pass, chunked gradient equals the one-pass gradient
+    sigma = torch.tensor([0.1, 0.2, 0.3], requires_grad=True)
+    w = standard_draws(gens("c", 3), 50, (2,))
+    perturb = lambda v: v * sigma[:, None, None]  # noqa: E731
+    objective = lambda p: sigma * objective_gap(p, torch.ones(3, dtype=torch.long))  # noqa: E731
+    full = objective_and_gradient(model, x, w, perturb, objective, [sigma])
+    chunked = objective_and_gradient(model, x, w, perturb, objective, [sigma], max_batch=21)
+    assert torch.allclose(full[0], chunked[0], atol=1e-6)
+    assert torch.allclose(full[1][0], chunked[1][0], atol=1e-5)
+
+
+def test_gap_forms_use_probabilities():
+    probs = torch.tensor([[0.2, 0.7, 0.1], [0.9999, 0.0001, 0.0]])
+    cls = torch.tensor([1, 0])
+    g = objective_gap(probs, cls)
+    assert torch.allclose(g, torch.special.ndtri(torch.tensor([0.7, 0.999])))
+    top2 = objective_gap(probs, cls, form="top2")
+    ref = 0.5 * (torch.special.ndtri(torch.tensor([0.7, 0.999])) - torch.special.ndtri(torch.tensor([0.2, 0.001])))
+    assert torch.allclose(top2, ref)
+    assert torch.allclose(objective_gap(probs, cls, "uniform"), torch.tensor([0.4, 0.998]))
+
+
+def run_method(method, ctx, x, labels, indices, tmp_path, done=()):
+    method.open(ctx, tmp_path / "log.tsv", list(done))
+    try:
+        return method.certify(ctx, x, labels, indices)
+    finally:
+        method.close()
+
+
+def test_method_certifies_the_chosen_noise_on_fresh_certification_streams(tmp_path):
+    model = Ellipse()
+    ctx = context(model)
+    x = torch.tensor([[0.5, 0.5], [0.52, 0.48]])
+    method = DDS(0.12, samples=50, dds_steps=30, dds_lr=0.002, memory=False)
+    rows = run_method(method, ctx, x, torch.tensor([1, 1]), [3, 8], tmp_path)
+    assert [r["predict"] for r in rows] == [1, 1]
+    for row, idx, xi in zip(rows, [3, 8], x):
+        noise = DataDependentMethod.load_noise(tmp_path / "log.tsv", idx)
+        assert isinstance(noise, IsotropicGaussian) and math.isclose(noise.sigma, row["scale_iso"], rel_tol=1e-6)
+        assert row["fallback"] == "none" and row["memory"] == "off" and row["sigma"] == 0.12
+        # Re-certifying the saved noise on the certification streams reproduces the row exactly: the
+        # certificate depends on the optimization only through the chosen noise.
+        (cert,) = certify(model, xi[None], noise, 2, ctx.n0, ctx.n, ctx.alpha, batch_size=ctx.batch_size,
+                          block=ctx.block, generators=ctx.certify_generators([idx]))
+        assert cert.radius == row["radius"] and cert.p_lower == row["p_lower"]
+        assert math.isclose(row["radius"], noise.sigma * row["gap"], rel_tol=1e-12)
+    # the optimization streams are not the certification streams
+    opt = torch.randn(8, generator=ctx.generators([3], "optimize-dds")[0])
+    sel, est = ctx.certify_generators([3])[0]
+    assert not torch.equal(opt, torch.randn(8, generator=sel)) and not torch.equal(opt, torch.randn(8, generator=est))
+    # a different optimization seed changes the noise, never the certification draws for a given noise
+    other = DDS(0.12, samples=50, dds_steps=30, dds_lr=0.002, memory=False)
+    rows2 = run_method(other, context(model, seed=1), x[:1], torch.tensor([1]), [3], tmp_path / "b")
+    assert rows2[0]["scale_iso"] != rows[0]["scale_iso"]
+
+
+def test_resume_checks_the_saved_noise(tmp_path):
+    model = Ellipse()
+    ctx = context(model)
+    method = DDS(0.12, samples=20, dds_steps=2, memory=False)
+    run_method(method, ctx, torch.tensor([[0.5, 0.5]]), torch.tensor([1]), [0], tmp_path)
+    DDS(0.12, samples=20, dds_steps=2, memory=False).open(ctx, tmp_path / "log.tsv", [0])  # fine
+    with pytest.raises(ValueError, match="noise parameters"):
+        DDS(0.12, samples=20, dds_steps=2, memory=False).open(ctx, tmp_path / "log.tsv", [0, 1])
+
+
+class NotDifferentiable(torch.nn.Module):
+    def forward(self, x):
+        z = (x.reshape(x.shape[0], -1).sum(1) > 1.0).float().detach()
+        return torch.stack([1 - z, z], 1)
+
+
+class NanGradient(torch.autograd.Function):
+    """Identity whose gradient is NaN for rows with a first coordinate above 0.5."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.where(x[:, :1] > 0.5, float("nan"), 1.0) * grad
+
+
+class Exploding(torch.nn.Module):
+    """Finite outputs everywhere, NaN gradients where the first coordinate exceeds 0.5."""
+
+    def forward(self, x):
+        flat = NanGradient.apply(x.reshape(x.shape[0], -1))
+        z = 4 * flat[:, 1] - 2
+        return torch.stack([-z, z], 1)
+
+
+def test_fall_back_to_the_isotropic_certificate(tmp_path):
+    x = torch.tensor([[0.0, 0.9], [1.0, 0.9]])
+    rows = run_method(DDS(0.1, samples=10, dds_steps=3, memory=False), context(NotDifferentiable()), x,
+                      torch.tensor([1, 1]), [0, 1], tmp_path / "a")
+    assert all(r["fallback"].startswith("not-differentiable") for r in rows)
+    assert all(r["min_scale"] == 0.1 for r in rows)
+    rows = run_method(DDS(0.1, samples=10, dds_steps=3, memory=False), context(Exploding()), x,
+                      torch.tensor([1, 1]), [0, 1], tmp_path / "b")
+    assert rows[0]["fallback"] == "none" and rows[0]["min_scale"] != 0.1
+    assert rows[1]["fallback"] == "non-finite optimization" and rows[1]["min_scale"] == 0.1
+    assert DataDependentMethod.load_noise(tmp_path / "b" / "log.tsv", 1).sigma == 0.1
+
+
+def test_options_and_bad_settings():
+    from smoothcert.methods import CertifyMethod
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sigma", type=float)
+    for cls in {c: None for c in CertifyMethod.registry.values()}:
+        cls.add_arguments(parser)
+    args = parser.parse_args(["--sigma", "0.5", "--dds-steps", "7", "--no-memory", "--norm", "l1"])
+    method = DDS.from_args(args)
+    assert method.config()["dds_steps"] == 7 and method.config()["memory"] is False and method.norm == "l1"
+    assert math.isclose(method.base_scale, 0.5 * math.sqrt(3))
+    with pytest.raises(ValueError, match="sigma"):
+        DDS(-1.0)
+    with pytest.raises(ValueError, match="opt-samples"):
+        DDS(0.5, samples=0)
+    with pytest.raises(ValueError, match="opt-gap"):
+        DDS(0.5, gap="logits")
