@@ -2,5 +2,9 @@
 
 from .base import COMMON_COLUMNS, CertifyMethod, RunContext, certificate_row, method_class
 from .fixed import FixedSigma
+from .dds import DDS  # noqa: F401  (registers --method dds)
+from .ancer import ANCER  # noqa: F401  (registers --method ancer)
+from .rancer import RANCER, RANCERBest  # noqa: F401  (registers --method rancer, rancer-best)
+from .rddrs import RDDRS  # noqa: F401  (registers --method rddrs)
 
 __all__ = ["COMMON_COLUMNS", "CertifyMethod", "FixedSigma", "RunContext", "certificate_row", "method_class"]
