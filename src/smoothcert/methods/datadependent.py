@@ -239,6 +239,8 @@ class DataDependentMethod(CertifyMethod):
         self.gap, self.norm, self.use_memory, self.max_batch = gap, norm, bool(memory), max_batch
         self.memory = None
         self.noise_dir: Path | None = None
+        #: The :class:`~smoothcert.smooth.Certificate` records of the last batch (before memory), for inspection.
+        self.last_certificates: list = []
 
     # -- options -------------------------------------------------------------------------------------------
     @classmethod
@@ -325,6 +327,7 @@ class DataDependentMethod(CertifyMethod):
         certs = certify(ctx.model, x, noises, ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
                         batch_size=ctx.batch_size, block=ctx.block, generators=ctx.certify_generators(indices),
                         dtype=ctx.dtype, seed=ctx.seed)
+        self.last_certificates = certs
         rows = []
         for i, (idx, choice, cert) in enumerate(zip(indices, choices, certs)):
             self._save_noise(int(idx), choice.noise)
