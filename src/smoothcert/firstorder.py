@@ -1,0 +1,427 @@
+"""First-order ("higher-order") certificates for Gaussian smoothing (seed 004): same noise as Cohen, more from
+the same samples.
+
+Protocol (:func:`certify_first_order`), per input, with ``N(0, sigma^2 I)`` noise:
+
+1. ``n0`` selection samples choose ``c_A`` (independent of everything below).
+2. ``n`` fresh samples in two independent halves (``n1 = n // 2``, ``n2 = n - n1``) give the class counts and,
+   through a :class:`~smoothcert.firstorder_stats.GradientObserver`, the sums of ``u (1[f(x + sigma u) = c_A] -
+   1/2)`` per half (nothing per sample is kept).
+3. The failure probability is split (union bound): ``alpha_p = alpha_split * alpha`` for the Clopper-Pearson
+   bound ``q`` of ``p_A`` (all ``n`` counts), and ``alpha_grad = alpha - alpha_p`` evenly over the gradient-norm
+   bounds the requested radii need (:mod:`smoothcert.firstorder_stats`: Theorem 4, 5, Table 1).
+4. Radii (:mod:`smoothcert.firstorder_radii`: Theorem 3, Corollaries 3.1-3.4), zeroth- and first-order side by
+   side, in input units (``sigma`` times the normalized radius). Every first-order radius is the largest of all
+   radii that hold on the same event, so it is never below the zeroth-order one from the same ``q``.
+
+Guarantee: with probability at least ``1 - alpha`` every reported radius is certified at once: the smoothed
+classifier predicts ``c_A`` on the l2 ball of radius ``radii["l2_1"]``, the l1 ball ``radii["l1_1"]``, the
+l_inf ball ``radii["linf_1"]`` and, within the subspace, the corresponding balls (l_p norms of the subspace
+coordinates in its orthonormal basis). The l1, l_inf and subspace radii rely on the convexity of the
+first-order region (seed 004 Proposition 1); the l2 radius does not.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import firstorder_stats as fs
+from .firstorder_radii import l2_radius, vertex_radius, zeroth_order_radius
+from .noise import IsotropicGaussian
+from .sampling import sample_counts
+from .smooth import ABSTAIN, dtype_name
+from .stats import clopper_pearson_lower, gap as normal_gap
+from .validation import check_alpha, check_count, check_inputs, check_num_classes, check_positive, check_sample_sizes
+
+__all__ = ["NORMS", "Subspace", "FirstOrderCertificate", "FirstOrderPlan", "certify_first_order"]
+
+#: Threat models with first-order radii.
+NORMS: tuple[str, ...] = ("l2", "l1", "linf")
+#: Which one-sided bound of which norm each radius needs (``sub_``: in the subspace's coordinates).
+_NEEDS = {"l1": ("l2_lower", "linf_upper"), "linf": ("l2_lower", "l1_upper")}
+_SUB_NEEDS = {"l2": ("l2_lower", "sub_l2_upper"), "l1": ("l2_lower", "sub_linf_upper"),
+              "linf": ("l2_lower", "sub_l1_upper")}
+
+
+def parse_norms(norms: str | Sequence[str]) -> tuple[str, ...]:
+    """``"l2,l1,linf"`` or a sequence of names -> a tuple in canonical order; l2 is always included."""
+    items = [s.strip().lower() for s in (norms.split(",") if isinstance(norms, str) else norms)]
+    items = [s for s in items if s]
+    bad = [s for s in items if s not in NORMS]
+    if bad or not items:
+        raise ValueError(f"norms must be a non-empty subset of {', '.join(NORMS)}, got {norms!r}")
+    return tuple(n for n in NORMS if n in set(items) | {"l2"})
+
+
+# ------------------------------------------------------------------------------------------------- subspace
+
+class Subspace:
+    """A linear subspace ``S`` of the flattened input space (seed 004 Corollary 3.4, Definition 1).
+
+    ``spec`` is one of
+      * ``"coords:0-99,200,300-310"``: coordinates of the flattened input (``x.reshape(-1)``), ranges inclusive;
+      * ``"channel:0"`` / ``"channel:0,2"``: every coordinate of those channels of a ``(C, ...)`` input;
+      * a path to a ``.npy`` or ``.pt`` file (optionally prefixed ``"file:"``) holding either a ``(d, k)`` matrix
+        with orthonormal columns (a basis of ``S``) or the ``(d, d)`` orthogonal projection ``P_S``;
+      * a ``(d, k)`` array / tensor with orthonormal columns, or a sequence of coordinates.
+
+    l_p norms "in the subspace" are those of the coordinates in this orthonormal basis (for coordinate
+    subspaces: of the selected coordinates themselves).
+    """
+
+    def __init__(self, spec):
+        self.spec = spec if isinstance(spec, str) else "matrix" if hasattr(spec, "shape") else "coords"
+        self._indices: np.ndarray | None = None
+        self._channels: np.ndarray | None = None
+        self._basis: np.ndarray | None = None
+        if isinstance(spec, str):
+            self._parse(spec.strip())
+        elif isinstance(spec, (np.ndarray, torch.Tensor)):
+            self._basis = self._as_basis(np.asarray(torch.as_tensor(spec).detach().cpu(), dtype=np.float64))
+        else:
+            self._indices = self._unique("coordinates", [int(i) for i in spec])
+
+    @staticmethod
+    def _unique(what: str, values) -> np.ndarray:
+        arr = np.unique(np.asarray(values, dtype=np.int64))
+        if arr.size == 0:
+            raise ValueError(f"the subspace is empty: give at least one of its {what}")
+        if arr[0] < 0:
+            raise ValueError(f"subspace {what} must be >= 0, got {int(arr[0])}")
+        return arr
+
+    @staticmethod
+    def _ranges(text: str) -> list[int]:
+        out: list[int] = []
+        for part in (p.strip() for p in text.split(",")):
+            m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            if not m:
+                raise ValueError(f"cannot read {part!r} in subspace spec: use indices and inclusive ranges "
+                                 "like '0-99,150'")
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            if hi < lo:
+                raise ValueError(f"empty range {part!r} in subspace spec")
+            out.extend(range(lo, hi + 1))
+        return out
+
+    def _parse(self, spec: str) -> None:
+        kind, _, rest = spec.partition(":")
+        kind = kind.lower()
+        if kind in ("coords", "coord", "coordinates") and rest:
+            self._indices = self._unique("coordinates", self._ranges(rest))
+        elif kind in ("channel", "channels") and rest:
+            self._channels = self._unique("channels", self._ranges(rest))
+        elif kind == "file" and rest or spec.endswith((".npy", ".pt")):
+            self._basis = self._as_basis(self._load(Path(rest if kind == "file" else spec)))
+        else:
+            raise ValueError(f"unknown subspace spec {spec!r}: use 'coords:0-99,...', 'channel:C', or a .npy/.pt "
+                             "file with a (d, k) orthonormal basis or a (d, d) projection matrix")
+
+    @staticmethod
+    def _load(path: Path) -> np.ndarray:
+        if not path.is_file():
+            raise ValueError(f"subspace file {str(path)!r} does not exist")
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False).astype(np.float64)
+        if path.suffix == ".pt":
+            return torch.load(path, map_location="cpu", weights_only=True).detach().double().numpy()
+        raise ValueError(f"subspace file must be .npy or .pt, got {str(path)!r}")
+
+    @staticmethod
+    def _as_basis(m: np.ndarray) -> np.ndarray:
+        if m.ndim != 2 or m.size == 0 or not np.all(np.isfinite(m)):
+            raise ValueError(f"a subspace matrix must be a finite 2-D array, got shape {m.shape}")
+        d, k = m.shape
+        if d == k and np.allclose(m, m.T, atol=1e-8) and np.allclose(m @ m, m, atol=1e-6):
+            vals, vecs = np.linalg.eigh(m)
+            basis = vecs[:, vals > 0.5]
+            if basis.shape[1] == 0:
+                raise ValueError("the projection matrix is zero: the subspace is empty")
+            return basis
+        if k <= d and np.allclose(m.T @ m, np.eye(k), atol=1e-6):
+            return m
+        raise ValueError(f"a subspace matrix must be a (d, k) basis with orthonormal columns or a (d, d) orthogonal "
+                         f"projection (symmetric, idempotent); got shape {m.shape} that is neither")
+
+    def resolve(self, input_shape: Sequence[int]) -> np.ndarray:
+        """Check the subspace against ``input_shape``; return its coordinate indices or its ``(d, k)`` basis."""
+        shape = tuple(int(s) for s in input_shape)
+        d = math.prod(shape)
+        if self._channels is not None:
+            if len(shape) < 2:
+                raise ValueError(f"'channel:' needs inputs shaped (C, ...), got {shape}")
+            if self._channels[-1] >= shape[0]:
+                raise ValueError(f"channel {int(self._channels[-1])} is out of range for inputs with {shape[0]} "
+                                 f"channels (shape {shape})")
+            per = d // shape[0]
+            return (self._channels[:, None] * per + np.arange(per)[None]).ravel()
+        if self._indices is not None:
+            if self._indices[-1] >= d:
+                raise ValueError(f"subspace coordinate {int(self._indices[-1])} is out of range: inputs have "
+                                 f"{d} coordinates (shape {shape}), allowed 0..{d - 1}")
+            return self._indices
+        if self._basis.shape[0] != d:
+            raise ValueError(f"the subspace basis has {self._basis.shape[0]} rows but inputs have {d} coordinates")
+        return self._basis
+
+    def coordinates(self, vectors: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
+        """Coordinates ``Q^T v`` of rows ``v`` of ``vectors`` (B, d) in the subspace's orthonormal basis ``Q``."""
+        sel = self.resolve(input_shape)
+        return vectors[:, sel] if sel.ndim == 1 else vectors @ sel
+
+    def dim(self, input_shape: Sequence[int]) -> int:
+        sel = self.resolve(input_shape)
+        return int(sel.shape[0] if sel.ndim == 1 else sel.shape[1])
+
+    def __repr__(self) -> str:
+        return f"Subspace({self.spec!r})"
+
+
+# --------------------------------------------------------------------------------------------- the protocol
+
+@dataclass(frozen=True)
+class FirstOrderPlan:
+    """The failure-probability budget of one first-order certificate (validated up front).
+
+    ``alpha_p`` bounds ``p_A``; ``alpha_each`` is the share of each gradient bound in ``events``;
+    ``alpha_p + alpha_each * len(events) == alpha``.
+    """
+
+    alpha: float
+    alpha_split: float
+    n: int
+    norms: tuple[str, ...]
+    subspace: bool
+    events: tuple[str, ...]
+
+    @property
+    def alpha_p(self) -> float:
+        return self.alpha * self.alpha_split
+
+    @property
+    def alpha_grad(self) -> float:
+        return self.alpha - self.alpha_p
+
+    @property
+    def alpha_each(self) -> float:
+        return self.alpha_grad / len(self.events)
+
+    @property
+    def halves(self) -> tuple[int, int]:
+        return self.n // 2, self.n - self.n // 2
+
+    @classmethod
+    def make(cls, alpha: float, n: int, norms: str | Sequence[str] = NORMS, subspace: bool = False,
+             alpha_split: float = 0.5) -> "FirstOrderPlan":
+        """Validate the budget: ``0 < alpha_split < 1``, both halves >= 2 samples, and ``n`` samples able to push
+        the Clopper-Pearson bound of ``p_A`` above 1/2 at ``alpha_p`` (else every input would abstain)."""
+        alpha = check_alpha(alpha)
+        check_count("n", n)
+        if isinstance(alpha_split, bool) or not isinstance(alpha_split, (int, float)) or not 0 < alpha_split < 1:
+            raise ValueError(f"alpha_split (share of alpha for the p_A bound) must lie in (0, 1), got {alpha_split!r}")
+        if n // 2 < 2:
+            raise ValueError(f"n={n} is too small for first-order certification: each of the two halves needs at "
+                             "least 2 samples (n >= 4)")
+        norms = parse_norms(norms)
+        events = ["l2_upper"]
+        for norm in norms:
+            events += _NEEDS.get(norm, ())
+            if subspace:
+                events += _SUB_NEEDS[norm]
+        plan = cls(alpha, float(alpha_split), n, norms, bool(subspace), tuple(dict.fromkeys(events)))
+        best = float(clopper_pearson_lower(n, n, plan.alpha_p))
+        if best <= 0.5:
+            raise ValueError(f"n={n} samples cannot certify anything at alpha_p={plan.alpha_p:.3g} (alpha={alpha} x "
+                             f"alpha_split={alpha_split}): even n/n successes bound p_A only by {best:.3f} <= 1/2; "
+                             "raise n or alpha_split")
+        return plan
+
+
+@dataclass(frozen=True)
+class FirstOrderCertificate:
+    """What first-order CERTIFY established for one input.
+
+    ``radii`` (input units) has ``"{norm}_0"`` (zeroth order, from the same ``p_lower``) and ``"{norm}_1"``
+    (first order) for each certified norm, and ``"sub_{norm}_{0,1}"`` with a subspace; ``radius`` is
+    ``radii["l2_1"]``. ``grad_bounds`` are the bounds of ``||grad g(x)||`` (input units, i.e. per unit of
+    input) that were used: ``l2_upper``, ``l2_lower``, ``linf_upper``, ``l1_upper``, ``sub_*_upper``.
+    """
+
+    prediction: int
+    p_lower: float
+    gap: float
+    counts: np.ndarray = field(repr=False)
+    radius: float
+    radii: dict[str, float]
+    grad_bounds: dict[str, float]
+    sigma: float
+    n0: int
+    n: int
+    halves: tuple[int, int]
+    alpha: float
+    alpha_p: float
+    alpha_grad: float
+    alpha_each: float
+    dtype: str
+    dim: int
+    subspace_dim: int | None
+    seed: int | None = None
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction == ABSTAIN
+
+    @property
+    def radius_proxy(self) -> float:
+        return self.radius
+
+
+def _grad_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub: tuple | None
+                 ) -> dict[str, np.ndarray]:
+    """Normalized bounds (of ``beta = sigma grad g``) for every event of ``plan``; one array (B,) each."""
+    (s1, s2), (n1, n2), delta = sums, plan.halves, plan.alpha_each
+    out = {"l2_upper": fs.l2_upper(s1 / n1, s2 / n2, n1, n2, delta)}
+    pooled = (s1 + s2) / plan.n
+    if "l2_lower" in plan.events:
+        out["l2_lower"] = fs.l2_lower(s1 / n1, s2 / n2, n1, n2, delta)
+    if "linf_upper" in plan.events:
+        out["linf_upper"] = np.minimum(fs.linf_upper(pooled, plan.n, delta), out["l2_upper"])
+    if "l1_upper" in plan.events:
+        out["l1_upper"] = np.minimum(fs.l1_upper(pooled, plan.n, delta), math.sqrt(s1.shape[1]) * out["l2_upper"])
+    if sub is not None:
+        t1, t2 = sub
+        dsub = t1.shape[1]
+        if "sub_l2_upper" in plan.events:
+            out["sub_l2_upper"] = np.minimum(fs.l2_upper(t1 / n1, t2 / n2, n1, n2, delta), out["l2_upper"])
+        sub_l2 = out.get("sub_l2_upper", out["l2_upper"])
+        if "sub_linf_upper" in plan.events:
+            out["sub_linf_upper"] = np.minimum(fs.linf_upper((t1 + t2) / plan.n, plan.n, delta), sub_l2)
+        if "sub_l1_upper" in plan.events:
+            out["sub_l1_upper"] = np.minimum(fs.l1_upper((t1 + t2) / plan.n, plan.n, delta), math.sqrt(dsub) * sub_l2)
+    return out
+
+
+def normalized_radii(q: float, bounds: dict[str, float], plan: FirstOrderPlan, dim: int,
+                     subspace_dim: int | None = None) -> dict[str, float]:
+    """Zeroth- and first-order radii in units of ``sigma`` from ``q`` and the normalized gradient bounds.
+
+    l2: Corollary 3.1 with ``m = l2_upper``. l1: Corollary 3.2 (``|v^T beta| <= linf_upper`` at the vertices
+    ``+-e_i``). l_inf: Corollary 3.3 (vertices ``s / sqrt(d)``, ``|v^T beta| <= l1_upper / sqrt(d)``; the l_inf
+    radius is the directional one over ``sqrt(d)``). Subspace (Corollary 3.4): the same with the subspace's
+    dual-norm bounds and ``d_S``. Each first-order radius is the max with every radius implied by another on the
+    same event (an l2 ball of radius R holds the l1 ball of radius R and the l_inf ball of radius R / sqrt(d)).
+    """
+    r0 = zeroth_order_radius(q)
+    if q <= 0.5:
+        keys = [f"{k}_{o}" for k in plan.norms for o in (0, 1)]
+        keys += [f"sub_{k}_{o}" for k in plan.norms for o in (0, 1)] if plan.subspace else []
+        return dict.fromkeys(keys, 0.0)
+    u2 = bounds["l2_upper"]
+    low = bounds.get("l2_lower", 0.0)
+    l2_1 = max(l2_radius(q, u2), r0)
+    out = {"l2_0": r0, "l2_1": l2_1}
+    root_d = math.sqrt(dim)
+    if "l1" in plan.norms:
+        out["l1_0"] = r0
+        out["l1_1"] = max(vertex_radius(q, bounds["linf_upper"], low), l2_1)
+    if "linf" in plan.norms:
+        out["linf_0"] = r0 / root_d
+        out["linf_1"] = max(vertex_radius(q, bounds["l1_upper"] / root_d, low) / root_d, l2_1 / root_d)
+    if plan.subspace:
+        root_s = math.sqrt(subspace_dim)
+        sub_l2 = l2_1
+        if "l2" in plan.norms:
+            sub_l2 = max(vertex_radius(q, bounds["sub_l2_upper"], low), l2_1)
+            out["sub_l2_0"], out["sub_l2_1"] = r0, sub_l2
+        if "l1" in plan.norms:
+            out["sub_l1_0"] = r0
+            out["sub_l1_1"] = max(vertex_radius(q, bounds["sub_linf_upper"], low), sub_l2)
+        if "linf" in plan.norms:
+            out["sub_linf_0"] = r0 / root_s
+            out["sub_linf_1"] = max(vertex_radius(q, bounds["sub_l1_upper"] / root_s, low) / root_s,
+                                    sub_l2 / root_s)
+    return out
+
+
+def certify_first_order(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigma: float,
+    num_classes: int,
+    n0: int,
+    n: int,
+    alpha: float,
+    *,
+    norms: str | Sequence[str] = NORMS,
+    subspace: Subspace | str | None = None,
+    alpha_split: float = 0.5,
+    batch_size: int = 1000,
+    block: int | None = None,
+    generators: Sequence[tuple[torch.Generator, torch.Generator, torch.Generator]] | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+    range_policy: str = "warn",
+) -> list[FirstOrderCertificate]:
+    """First-order CERTIFY for a batch ``x`` (B, *shape) under ``N(0, sigma^2 I)``; one certificate per input.
+
+    ``generators``: per input a triple ``(selection, first half, second half)`` of independent streams (or
+    ``None`` for torch's global generator). See the module docstring for the protocol and the guarantee.
+    Raises ValueError before sampling on a bad budget, norm or subspace.
+    """
+    if not callable(model):
+        raise TypeError("the base classifier must be callable (an nn.Module or a function of a batch)")
+    check_num_classes(num_classes)
+    check_count("batch_size", batch_size)
+    dtype_name(dtype)
+    check_inputs(x, range_policy=range_policy)
+    check_sample_sizes(n0, n)
+    sigma = check_positive("sigma (noise level, in input units where pixels lie in [0, 1])", sigma)
+    sub = Subspace(subspace) if subspace is not None and not isinstance(subspace, Subspace) else subspace
+    plan = FirstOrderPlan.make(alpha, n, norms, sub is not None, alpha_split)
+    shape = tuple(x.shape[1:])
+    dim = math.prod(shape)
+    sub_dim = sub.dim(shape) if sub is not None else None
+    total = x.shape[0]
+    if generators is None:
+        streams = [[None] * total for _ in range(3)]
+    else:
+        gens = list(generators)
+        if len(gens) != total or not all(isinstance(g, (tuple, list)) and len(g) == 3 for g in gens):
+            raise ValueError(f"generators must hold one (selection, half 1, half 2) triple per input ({total})")
+        streams = [[g[k] for g in gens] for k in range(3)]
+
+    noise = IsotropicGaussian(sigma)
+    kw = dict(batch_size=batch_size, block=block, dtype=dtype)
+    top = sample_counts(model, x, noise, n0, num_classes, generators=streams[0], **kw).argmax(dim=1)
+    counts, sums = 0, []
+    for half, size in zip(streams[1:], plan.halves):
+        observer = fs.GradientObserver(top, sigma, dim)
+        counts = counts + sample_counts(model, x, noise, size, num_classes, generators=half,
+                                        observers=[observer], **kw)
+        sums.append(observer.sums.cpu().numpy())
+    counts = counts.cpu().numpy()
+    top = top.cpu().numpy()
+    n_a = counts[np.arange(total), top]
+    p_lower = np.atleast_1d(clopper_pearson_lower(n_a, np.full_like(n_a, n), plan.alpha_p))
+    sub_sums = tuple(sub.coordinates(s, shape) for s in sums) if sub is not None else None
+    bounds = _grad_bounds(plan, (sums[0], sums[1]), sub_sums)
+
+    out = []
+    for i in range(total):
+        q = float(p_lower[i])
+        b = {k: float(v[i]) for k, v in bounds.items()}
+        radii = {k: sigma * v for k, v in normalized_radii(q, b, plan, dim, sub_dim).items()}
+        out.append(FirstOrderCertificate(
+            prediction=int(top[i]) if q > 0.5 else ABSTAIN, p_lower=q,
+            gap=float(normal_gap(q)) if q > 0.5 else float("nan"), counts=counts[i], radius=radii["l2_1"],
+            radii=radii, grad_bounds={k: v / sigma for k, v in b.items()}, sigma=sigma, n0=n0, n=n,
+            halves=plan.halves, alpha=plan.alpha, alpha_p=plan.alpha_p, alpha_grad=plan.alpha_grad,
+            alpha_each=plan.alpha_each, dtype=dtype_name(dtype), dim=dim, subspace_dim=sub_dim, seed=seed))
+    return out

@@ -1,0 +1,179 @@
+"""High-confidence bounds on norms of the gradient of a Gaussian-smoothed classifier (seed 004 section 4).
+
+Notation (normalized units). With ``w = sigma u``, ``u ~ N(0, I_d)`` and ``c`` the tracked class,
+``g(x) = P(f(x + w) = c)`` and ``beta = sigma * grad g(x) = E[u (1[f(x + w) = c] - 1/2)]`` (seed 004,
+Corollary 1.1; the ``- 1/2`` removes nothing in expectation and halves the spread). Every sample gives
+``z = u (1[f(x + sigma u) = c] - 1/2)``; by seed 004 Theorem 4 (divided by ``sigma^2``), ``z - beta`` is a
+sub-Gaussian vector with variance proxy :data:`KAPPA` ``= 1/4 + 3 / sqrt(8 pi e)``, i.e.
+``E exp(s^T (z - beta)) <= exp(KAPPA ||s||^2 / 2)`` for every ``s``. A mean of ``n`` independent samples is
+sub-Gaussian with proxy ``KAPPA / n``.
+
+The samples come in two independent halves with means ``X`` (``n1`` samples) and ``Y`` (``n2``):
+
+* l2 (Theorem 5, Table 1): ``X^T Y`` is unbiased for ``||beta||^2`` and
+  ``X^T Y - ||beta||^2 = beta^T (a + b) + a^T b`` with ``a = X - beta``, ``b = Y - beta`` independent. Each
+  term gets half the failure probability: ``P(beta^T (a + b) <= -c ||beta||) <= delta`` with
+  ``c = sqrt(2 (k1 + k2) log(1 / delta))``, and ``P(a^T b <= -t) <= delta`` from the Chernoff bound
+  ``E exp(lam a^T b) <= (1 - lam^2 k1 k2)^(-d / 2)`` (condition on ``b``, then the Gaussian trick), inverted
+  exactly by :func:`product_deviation`. Solving the quadratic in ``||beta||`` gives the bounds of
+  :func:`l2_upper` / :func:`l2_lower`. The paper's closed forms (Theorem 5:
+  ``sqrt(X^T Y + t) / sqrt(1 + eps^2 - eps)`` and its ``t``) are printed garbled and are tighter than this
+  derivation supports (to first order they use ``c / 2`` for the linear term), so they are not used.
+* l_inf and l1 (Table 1): the pooled mean ``M = (n1 X + n2 Y) / (n1 + n2)`` with
+  ``t_inf = sqrt(2 KAPPA log(2 d / delta) / n)`` (union over ``2 d`` one-sided coordinate tails) and
+  ``t_1 = sqrt(2 KAPPA d (d log 2 + log(1 / delta)) / n)`` (union over the ``2^d`` sign vectors).
+
+Each function returns a one-sided bound that holds with probability at least ``1 - delta``; the caller
+splits its failure probability over the bounds it uses (union bound). Bounds over a subspace use the same
+functions on the coordinates of the sums in an orthonormal basis of the subspace, with ``d = d_S``
+(seed 004 section 4, last paragraph).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+from scipy import optimize
+
+from .validation import check_alpha, check_count, check_positive
+
+__all__ = [
+    "KAPPA", "GradientObserver", "product_deviation", "l2_upper", "l2_lower", "linf_upper", "linf_lower",
+    "l1_upper", "l1_lower",
+]
+
+#: Variance proxy of ``u (1[f = c] - 1/2) - beta`` in normalized units (seed 004 Theorem 4 over ``sigma^2``).
+KAPPA: float = 0.25 + 3.0 / math.sqrt(8.0 * math.pi * math.e)
+
+
+class GradientObserver:
+    """An observer for :func:`smoothcert.sampling.sample_counts` that sums ``u (1[f(x + sigma u) = c] - 1/2)``.
+
+    ``classes`` holds the tracked class per input (chosen on independent selection samples); ``sums`` is a
+    float64 ``(B, d)`` tensor on the inputs' device and ``count`` the samples seen per input. Nothing per sample
+    is kept: each block's contribution is reduced at once (in float64, outside autocast).
+    """
+
+    def __init__(self, classes: torch.Tensor, sigma: float, dim: int):
+        self.classes = classes.reshape(-1).to(torch.int64)
+        self.sigma = check_positive("sigma", sigma)
+        self.sums = torch.zeros((len(self.classes), dim), dtype=torch.float64, device=self.classes.device)
+        self.count = torch.zeros(len(self.classes), dtype=torch.int64, device=self.classes.device)
+
+    def __call__(self, rows: torch.Tensor, noise: torch.Tensor, predictions: torch.Tensor) -> None:
+        with torch.autocast(device_type=noise.device.type, enabled=False):
+            sign = (predictions == self.classes[rows].unsqueeze(1)).to(torch.float64) - 0.5
+            flat = noise.reshape(noise.shape[0], noise.shape[1], -1).to(torch.float64)
+            self.sums[rows] += torch.einsum("gm,gmd->gd", sign, flat) / self.sigma
+            self.count[rows] += predictions.shape[1]
+
+
+def _delta(delta: float) -> float:
+    return check_alpha(delta)
+
+
+def product_deviation(dim: int, k1: float, k2: float, delta: float) -> float:
+    """Smallest ``t`` with ``P(a^T b >= t) <= delta`` for independent sub-Gaussian ``a``, ``b`` in ``R^dim``.
+
+    ``a``, ``b`` have variance proxies ``k1``, ``k2``. Chernoff: ``P(a^T b >= t) <= inf_s exp(-s t / K)
+    (1 - s^2)^(-dim / 2)`` over ``0 < s < 1`` with ``K = sqrt(k1 k2)``; the infimum is at
+    ``s = (sqrt(dim^2 + 4 tau^2) - dim) / (2 tau)``, ``tau = t / K``, and ``tau`` is found by bracketing, returning
+    the upper end (a larger ``t`` is a weaker, still valid, deviation). Holds for ``-a^T b`` alike.
+    """
+    check_count("dim", dim)
+    check_positive("k1", k1)
+    check_positive("k2", k2)
+    log_delta = math.log(_delta(delta))
+
+    def log_bound(tau: float) -> float:
+        s = 2.0 * tau / (dim + math.sqrt(dim * dim + 4.0 * tau * tau))
+        return -s * tau - 0.5 * dim * math.log1p(-s * s)
+
+    hi = 2.0 * (-log_delta + 0.5 * dim * math.log(4.0 / 3.0))  # log_bound(hi) <= -hi/2 + dim/2 log(4/3) = log_delta
+    tau = optimize.brentq(lambda tau: log_bound(tau) - log_delta, 0.0, hi, xtol=1e-12, rtol=1e-12)
+    tau *= 1.0 + 1e-9  # the upper end of the bracket
+    while log_bound(tau) > log_delta:
+        tau *= 1.0 + 1e-9
+    return float(tau * math.sqrt(k1 * k2))
+
+
+def _halves(x_mean: ArrayLike, y_mean: ArrayLike, n1: int, n2: int) -> tuple[np.ndarray, np.ndarray, int]:
+    check_count("n1 (samples in the first half)", n1)
+    check_count("n2 (samples in the second half)", n2)
+    x = np.atleast_2d(np.asarray(x_mean, dtype=np.float64))
+    y = np.atleast_2d(np.asarray(y_mean, dtype=np.float64))
+    if x.shape != y.shape:
+        raise ValueError(f"the two halves' means must have one shape, got {x.shape} and {y.shape}")
+    return x, y, x.shape[1]
+
+
+def _l2_terms(x, y, n1, n2, delta, kappa):
+    dim = x.shape[1]
+    k1, k2 = kappa / n1, kappa / n2
+    t = product_deviation(dim, k1, k2, delta / 2.0)
+    c = math.sqrt(2.0 * (k1 + k2) * math.log(2.0 / delta))
+    return np.einsum("bd,bd->b", x, y), t, c
+
+
+def l2_upper(x_mean: ArrayLike, y_mean: ArrayLike, n1: int, n2: int, delta: float,
+             kappa: float = KAPPA) -> np.ndarray:
+    """Upper bound ``U`` with ``P(||beta||_2 <= U) >= 1 - delta`` from the two halves' means (rows: inputs).
+
+    On the event ``X^T Y >= ||beta||^2 - c ||beta|| - t`` (probability >= 1 - delta),
+    ``||beta|| <= (c + sqrt(c^2 + 4 (X^T Y + t))) / 2`` (seed 004 Theorem 5, re-derived; see module docstring).
+    """
+    x, y, _ = _halves(x_mean, y_mean, n1, n2)
+    xy, t, c = _l2_terms(x, y, n1, n2, _delta(delta), kappa)
+    return 0.5 * (c + np.sqrt(np.maximum(c * c + 4.0 * (xy + t), 0.0)))
+
+
+def l2_lower(x_mean: ArrayLike, y_mean: ArrayLike, n1: int, n2: int, delta: float,
+             kappa: float = KAPPA) -> np.ndarray:
+    """Lower bound ``L`` with ``P(||beta||_2 >= L) >= 1 - delta``: ``(sqrt(c^2 + 4 (X^T Y - t)) - c) / 2`` or 0.
+
+    On the event ``X^T Y <= ||beta||^2 + c ||beta|| + t`` (seed 004 Theorem 5, re-derived).
+    """
+    x, y, _ = _halves(x_mean, y_mean, n1, n2)
+    xy, t, c = _l2_terms(x, y, n1, n2, _delta(delta), kappa)
+    a = xy - t
+    return np.where(a > 0, 0.5 * (np.sqrt(c * c + 4.0 * np.maximum(a, 0.0)) - c), 0.0)
+
+
+def _pooled(mean: ArrayLike, n: int) -> np.ndarray:
+    check_count("n (samples)", n)
+    return np.atleast_2d(np.asarray(mean, dtype=np.float64))
+
+
+def _t_inf(dim: int, n: int, delta: float, kappa: float) -> float:
+    return math.sqrt(2.0 * kappa * (math.log(2.0 * dim) - math.log(_delta(delta))) / n)
+
+
+def _t_one(dim: int, n: int, delta: float, kappa: float) -> float:
+    return math.sqrt(2.0 * kappa * dim * (dim * math.log(2.0) - math.log(_delta(delta))) / n)
+
+
+def linf_upper(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA) -> np.ndarray:
+    """``P(||beta||_inf <= ||M||_inf + t_inf) >= 1 - delta`` for the pooled mean ``M`` of ``n`` samples (Table 1)."""
+    m = _pooled(mean, n)
+    return np.abs(m).max(axis=1) + _t_inf(m.shape[1], n, delta, kappa)
+
+
+def linf_lower(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA) -> np.ndarray:
+    """``P(||beta||_inf >= ||M||_inf - t_inf) >= 1 - delta`` (Table 1), floored at 0."""
+    m = _pooled(mean, n)
+    return np.maximum(np.abs(m).max(axis=1) - _t_inf(m.shape[1], n, delta, kappa), 0.0)
+
+
+def l1_upper(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA) -> np.ndarray:
+    """``P(||beta||_1 <= ||M||_1 + t_1) >= 1 - delta`` for the pooled mean ``M`` of ``n`` samples (Table 1)."""
+    m = _pooled(mean, n)
+    return np.abs(m).sum(axis=1) + _t_one(m.shape[1], n, delta, kappa)
+
+
+def l1_lower(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA) -> np.ndarray:
+    """``P(||beta||_1 >= ||M||_1 - t_1) >= 1 - delta`` (Table 1), floored at 0."""
+    m = _pooled(mean, n)
+    return np.maximum(np.abs(m).sum(axis=1) - _t_one(m.shape[1], n, delta, kappa), 0.0)
