@@ -185,6 +185,21 @@ def test_macer_saturated_probabilities_give_finite_gradients():
     assert torch.isfinite(loss) and all(torch.isfinite(t).all() for t in g)
 
 
+def test_macer_deferred_hinge():
+    """During ``warmup`` epochs MACER is its classification term alone (lbd = 0), then the full loss."""
+    model, (x, y) = tiny_model(), batch()
+    w = noise(4)
+    deferred = Macer(k=4, beta=2.0, warmup=2)
+    plain = Macer(k=4, beta=2.0, lbd=0.0)
+    full = Macer(k=4, beta=2.0)
+    for epoch, reference in ((0, plain), (1, plain), (2, full)):
+        deferred.start_epoch(epoch)
+        a, _ = deferred.loss(model, x, y, SIGMA, noise=w)
+        b, _ = reference.loss(model, x, y, SIGMA, noise=w)
+        assert torch.allclose(a, b)
+    assert not torch.allclose(plain.loss(model, x, y, SIGMA, noise=w)[0], full.loss(model, x, y, SIGMA, noise=w)[0])
+
+
 def naive_pgd(model, x, y, w, sigma, epsilon, steps):
     out = []
     for i in range(x.shape[0]):
@@ -272,6 +287,7 @@ def test_injected_noise_equals_generator_draws():
     ("macer", {"k": 0}, "k"),
     ("macer", {"gamma": -1.0}, "gamma"),
     ("macer", {"beta": 0.0}, "beta"),
+    ("macer", {"warmup": -1}, "warmup"),
     ("smoothadv", {"epsilon": -0.1}, "epsilon"),
     ("smoothadv", {"steps": 0}, "steps"),
     ("smoothadv", {"warmup": 0}, "warmup"),

@@ -148,7 +148,7 @@ def test_adam_and_dataset_without_tensors():
 
     model = small_model()
     history = train(model, Items(), objective="gaussian", sigma=0.1, epochs=1, batch_size=8, lr=1e-2, seed=0,
-                    optimizer="adam", progress=False)
+                    optimizer="adam", clip_grad_norm=0.5, progress=False)
     assert len(history) == 1 and history[0]["val_noisy_acc"] is None
 
 
@@ -174,6 +174,7 @@ def test_learning_rate_schedules():
     ({"sigma": 0.0}, "sigma"), ({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"),
     ({"lr": -1.0}, "lr"), ({"schedule": "linear"}, "schedule"), ({"optimizer": "rmsprop"}, "optimizer"),
     ({"objective": "nope"}, "unknown objective"), ({"resume": True}, "resume"),
+    ({"clip_grad_norm": 0.0}, "clip_grad_norm"),
 ])
 def test_bad_training_arguments_raise(kw, match):
     args = {"objective": "gaussian", "sigma": 0.25, "epochs": 1, "progress": False, **kw}

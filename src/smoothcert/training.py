@@ -145,7 +145,8 @@ def _paths(out: str | os.PathLike) -> dict[str, Path]:
 
 
 #: training settings that must agree between a run and its resumption
-_RESUME_KEYS = ("objective", "sigma", "seed", "batch_size", "lr", "schedule", "optimizer", "milestones")
+_RESUME_KEYS = ("objective", "sigma", "seed", "batch_size", "lr", "schedule", "optimizer", "milestones",
+                "momentum", "weight_decay", "clip_grad_norm")
 
 
 def train(
@@ -165,6 +166,7 @@ def train(
     optimizer: str = "sgd",
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
+    clip_grad_norm: float | None = None,
     resume: bool = False,
     progress: bool = True,
     device: torch.device | str | None = None,
@@ -181,6 +183,7 @@ def train(
     JSON (e.g. ``dataset``) next to the training settings; the model must come from
     :func:`smoothcert.models.build_model` (which records how to rebuild it) or ``config`` must name its
     ``arch`` and ``arch_kwargs``.
+    ``clip_grad_norm`` rescales the gradient to at most that l2 norm before each step (``None``: never).
     ``device`` defaults to the model's. Each history row has the keys of :data:`LOG_COLUMNS`.
     """
     if not isinstance(model, nn.Module):
@@ -189,6 +192,8 @@ def train(
     check_count("epochs", epochs)
     check_count("batch_size", batch_size)
     check_positive("lr", lr)
+    if clip_grad_norm is not None:
+        check_positive("clip_grad_norm", clip_grad_norm)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if len(train_set) == 0:
@@ -209,7 +214,7 @@ def train(
     settings = {"objective": objective.name, "objective_config": objective.config(), "sigma": sigma, "seed": seed,
                 "batch_size": batch_size, "lr": lr, "schedule": schedule,
                 "milestones": list(milestones) if milestones is not None else None, "optimizer": optimizer,
-                "momentum": momentum, "weight_decay": weight_decay, "epochs": epochs}
+                "momentum": momentum, "weight_decay": weight_decay, "clip_grad_norm": clip_grad_norm, "epochs": epochs}
     paths = _paths(out) if out is not None else None
     history: list[dict[str, Any]] = []
     start = 0
@@ -250,6 +255,8 @@ def train(
                 loss, scores = objective.loss(model, x, y, sigma, generator=noise)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if clip_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
                 opt.step()
                 total_loss += loss.detach() * len(y)
                 correct += (scores.argmax(1) == y).sum()
@@ -301,7 +308,8 @@ _HYPER_FLAGS = {
     "beta": ("--beta", float, "MACER: inverse temperature (default 16)"),
     "epsilon": ("--epsilon", float, "SmoothAdv: l2 attack radius in input units (default 1.0; 0.5 suits MNIST)"),
     "steps": ("--pgd-steps", int, "SmoothAdv: PGD steps (default 10)"),
-    "warmup": ("--warmup", int, "SmoothAdv: epochs of linear epsilon warm-up (default 10)"),
+    "warmup": ("--warmup", int, "SmoothAdv: epochs of linear epsilon warm-up (default 10); MACER: epochs before "
+               "the radius hinge joins (default 0)"),
 }
 
 
@@ -314,16 +322,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--objective", default="gaussian", choices=list(OBJECTIVES), help="training objective")
     parser.add_argument("--sigma", type=float, required=True,
                         help="noise level in input units, pixels in [0, 1]; train at the sigma you certify with")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=10, help="default 10")
+    parser.add_argument("--batch-size", type=int, default=128, help="default 128")
+    parser.add_argument("--lr", type=float, default=0.01, help="initial learning rate (default 0.01)")
+    parser.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="sgd (with momentum) or adam")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="default 1e-4")
+    parser.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient's l2 norm to this")
     parser.add_argument("--schedule", default="step", choices=SCHEDULES,
                         help="step: x0.1 at the milestones (default 1/3 and 2/3 of the epochs); cosine; constant")
     parser.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs at which step decays")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights, shuffling and noise")
     parser.add_argument("--out", required=True, help="path prefix of the checkpoint (.safetensors/.json), "
                         "log (.train.tsv) and resume state (.state.pt)")
     parser.add_argument("--resume", action="store_true", help="continue the run at --out after its last epoch")
@@ -335,7 +344,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name, (flag, kind, text) in _HYPER_FLAGS.items():
-        parser.add_argument(flag, dest=f"hp_{name}", type=kind, default=None, help=text)
+        parser.add_argument(flag, dest=f"hp_{name}", type=kind, default=None, help=text,
+                            metavar=flag.lstrip("-").upper().replace("-", "_"))
     return parser
 
 
@@ -379,7 +389,7 @@ def run_train(args: argparse.Namespace) -> int:
     train(model, train_set, objective=objective, sigma=args.sigma, epochs=args.epochs, batch_size=args.batch_size,
           lr=args.lr, seed=args.seed, out=args.out, val_set=val_set, schedule=args.schedule,
           milestones=args.milestones, optimizer=args.optimizer, momentum=args.momentum,
-          weight_decay=args.weight_decay, resume=args.resume, progress=not args.no_progress, device=device,
+          weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm, resume=args.resume, progress=not args.no_progress, device=device,
           config=config)
     print(f"saved {paths['prefix']}.safetensors, log {paths['log']}")
     return 0
