@@ -114,6 +114,9 @@ def test_resume_refuses_other_settings(tmp_path):
         run(tmp_path, "r", 2, resume=True, sigma=0.5)
     with pytest.raises(ValueError, match="objective"):
         run(tmp_path, "r", 2, resume=True, objective=make_objective("consistency"))
+    run(tmp_path, "r", 2, resume=True)
+    with pytest.raises(ValueError, match="already done 2"):
+        run(tmp_path, "r", 1, resume=True)
 
 
 def test_checkpoint_holds_the_trained_model(tmp_path):

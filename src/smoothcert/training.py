@@ -10,7 +10,8 @@ on a validation set, and writes as it goes:
 - ``{out}.state.pt``: what resuming needs (model, optimizer state, epoch, history), loaded with
   ``weights_only=True``.
 
-Randomness is a pure function of ``(seed, epoch)``: the shuffle, the training noise, the validation noise and
+Randomness is a pure function of ``(seed, epoch)`` (streams of :func:`smoothcert.sampling.input_generator`
+with the epoch as index): the shuffle, the training noise, the validation noise and
 torch's global generator (dropout) are reseeded from them at each epoch (inside ``fork_rng``, so the caller's
 global state is untouched). The learning rate is a pure function of the epoch. So the same seed gives the
 same weights, and a run resumed after epoch ``e`` continues exactly as if it had never stopped.
@@ -23,12 +24,10 @@ import csv
 import math
 import os
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -61,11 +60,6 @@ def learning_rate(schedule: str, lr: float, epoch: int, epochs: int,
         marks = milestones if milestones is not None else (epochs // 3, 2 * epochs // 3)
         return lr * gamma ** sum(1 for m in marks if 0 < m <= epoch)
     raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-
-
-def _seed(seed: int, epoch: int, stream: str) -> int:
-    key = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, zlib.crc32(stream.encode())])
-    return int(key.generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def _batches(dataset, batch_size: int, generator: torch.Generator | None,
@@ -179,12 +173,13 @@ def train(
     ``sigma`` you will certify with. ``out`` is a path prefix for the checkpoint, log and resume state
     (``None``: write nothing). With ``resume=True`` and a state file at ``out``, training continues after the
     last completed epoch (model, optimizer, history; randomness and learning rate are functions of the
-    epoch), and the settings that shape the run must match the saved ones. ``config`` adds entries to the checkpoint's
-    JSON (e.g. ``dataset``) next to the training settings; the model must come from
+    epoch); the settings that shape the run must match the saved ones (``epochs`` may grow: the cosine and
+    default step schedules then follow the new total). ``config`` adds entries to the checkpoint's JSON
+    (e.g. ``dataset``) next to the training settings; the model must come from
     :func:`smoothcert.models.build_model` (which records how to rebuild it) or ``config`` must name its
-    ``arch`` and ``arch_kwargs``.
-    ``clip_grad_norm`` rescales the gradient to at most that l2 norm before each step (``None``: never).
-    ``device`` defaults to the model's. Each history row has the keys of :data:`LOG_COLUMNS`.
+    ``arch`` and ``arch_kwargs``. ``clip_grad_norm`` rescales the gradient to at most that l2 norm before
+    each step (``None``: never). ``device`` defaults to the model's. Each history row has the keys of
+    :data:`LOG_COLUMNS`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -211,10 +206,11 @@ def train(
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    settings = {"objective": objective.name, "objective_config": objective.config(), "sigma": sigma, "seed": seed,
-                "batch_size": batch_size, "lr": lr, "schedule": schedule,
+    settings = {"objective": objective.name, "objective_config": objective.config(), "sigma": sigma,
+                "seed": seed, "batch_size": batch_size, "lr": lr, "schedule": schedule,
                 "milestones": list(milestones) if milestones is not None else None, "optimizer": optimizer,
-                "momentum": momentum, "weight_decay": weight_decay, "clip_grad_norm": clip_grad_norm, "epochs": epochs}
+                "momentum": momentum, "weight_decay": weight_decay, "clip_grad_norm": clip_grad_norm,
+                "epochs": epochs}
     paths = _paths(out) if out is not None else None
     history: list[dict[str, Any]] = []
     start = 0
@@ -227,10 +223,12 @@ def train(
         if differ:
             raise ValueError(f"cannot resume {paths['prefix']}: these settings differ from the saved run: "
                              + ", ".join(f"{k} (saved {saved.get(k)!r}, now {settings.get(k)!r})" for k in differ))
+        start = int(state["epoch"])
+        if start > epochs:
+            raise ValueError(f"cannot resume {paths['prefix']} to {epochs} epochs: it has already done {start}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         history = list(state["history"])
-        start = int(state["epoch"])
     if paths is not None:
         paths["prefix"].parent.mkdir(parents=True, exist_ok=True)
 
@@ -240,13 +238,13 @@ def train(
         for group in opt.param_groups:
             group["lr"] = rate
         objective.start_epoch(epoch)
-        shuffle = torch.Generator().manual_seed(_seed(seed, epoch, "shuffle"))
+        shuffle = input_generator(seed, epoch, "shuffle")
         noise = input_generator(seed, epoch, "train-noise", device)
         total_loss = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
         with _fork_rng(device):
-            torch.manual_seed(_seed(seed, epoch, "global"))
+            torch.manual_seed(input_generator(seed, epoch, "global").initial_seed())
             model.train()
             steps = math.ceil(len(train_set) / batch_size)
             bar = tqdm(_batches(train_set, batch_size, shuffle, device), total=steps, disable=not progress,
@@ -273,8 +271,7 @@ def train(
             val = noisy_accuracy(model, val_set, sigma, batch_size=max(batch_size, 256), device=device,
                                  generator=input_generator(seed, epoch, "validate", device))
         row = {"epoch": epoch + 1, "loss": float(total_loss) / seen, "train_acc": int(correct) / seen,
-               "val_noisy_acc": val,
-               "lr": rate, "seconds": time.perf_counter() - began}
+               "val_noisy_acc": val, "lr": rate, "seconds": time.perf_counter() - began}
         history.append(row)
         if progress:
             tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
@@ -340,7 +337,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="put a PCA projection first in the model, keeping components with variance above "
                              "this fraction of sigma^2 (seed 002: 0.2; ablation 0.1)")
     parser.add_argument("--val-size", type=int, default=1000,
-                        help="test inputs (the first ones) on which to report accuracy under noise each epoch")
+                        help="test inputs (the first ones) on which to report accuracy under noise each epoch "
+                             "(monitoring only: the saved model is the last epoch's; 0 = none)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name, (flag, kind, text) in _HYPER_FLAGS.items():
@@ -389,8 +387,8 @@ def run_train(args: argparse.Namespace) -> int:
     train(model, train_set, objective=objective, sigma=args.sigma, epochs=args.epochs, batch_size=args.batch_size,
           lr=args.lr, seed=args.seed, out=args.out, val_set=val_set, schedule=args.schedule,
           milestones=args.milestones, optimizer=args.optimizer, momentum=args.momentum,
-          weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm, resume=args.resume, progress=not args.no_progress, device=device,
-          config=config)
+          weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm, resume=args.resume,
+          progress=not args.no_progress, device=device, config=config)
     print(f"saved {paths['prefix']}.safetensors, log {paths['log']}")
     return 0
 
