@@ -163,6 +163,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_plot_regions(args) -> int:
+    from .data import load_dataset
+    from .plotting import plot_regions
+
+    device = resolve_device(args.device)
+    model, config, _ = load_base_classifier(args.checkpoint, device)
+    dataset = load_dataset(args.dataset or config.get("dataset"), args.split)
+    if args.sigma is None:
+        if config.get("sigma") is None:
+            raise ValueError("give --sigma (the checkpoint does not record a training sigma)")
+        args.sigma = float(config["sigma"])
+    args.no_memory = True  # each input's own certificate
+    methods = [method_class(name).from_args(args) for name in args.methods]
+    path = plot_regions(model, dataset.inputs, dataset.labels, args.points, methods, args.out,
+                        num_classes=dataset.num_classes, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoothcert", description="Certified robustness by randomized smoothing.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None,
                    help="a results file to compare against: ARI and proxy ARI (mean radius gain on inputs both got right)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plot-regions", help="draw certified regions of several methods on a 2D toy data set")
+    p.add_argument("--checkpoint", action="append", required=True, help="a model trained on a 2D data set")
+    p.add_argument("--dataset", default=None, help="2D data set (default: the checkpoint's)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--points", type=int, nargs="+", default=[0, 1, 2, 3], help="dataset indices to certify")
+    p.add_argument("--methods", nargs="+", default=["fixed", "dds", "ancer", "rancer", "rddrs"],
+                   choices=sorted(_methods.CertifyMethod.registry))
+    p.add_argument("--sigma", type=float, default=None, help="base noise level (default: the checkpoint's)")
+    p.add_argument("--n0", type=int, default=100)
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="regions.png", help="PNG to write")
+    for cls in {c: None for c in _methods.CertifyMethod.registry.values()}:
+        cls.add_arguments(p)
+    p.set_defaults(func=cmd_plot_regions)
 
     p = sub.add_parser("demo", help="train a noise-robust MNIST model and certify 100 test digits at sigma 0.25")
     p.add_argument("--out", default="demo-output", help="folder for the model, results, table and plot")
