@@ -61,3 +61,15 @@ def test_average_radius_improvement_matches_by_index(tmp_path):
     assert average_radius_improvement(a, b) == pytest.approx(((0.912 - 0.812) + (0.3 - 0.1)) / 2)
     assert average_radius_improvement(a, b, proxy=True) == pytest.approx(((1.0 - 0.812) + (0.5 - 0.1)) / 2)
     assert "ARI vs base" in report([other], baseline=base)
+
+
+def test_tables_per_norm_for_first_order_logs(tmp_path):
+    path = tmp_path / "fo.tsv"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\tradius_l2_0\tradius_l2_1\tradius_linf_0\tradius_linf_1\n"
+                    "0\t1\t1\t0.6\t1\t1.0\t0.5\t0.6\t0.02\t0.03\n"
+                    "1\t2\t2\t0.3\t1\t1.0\t0.2\t0.3\tnan\tnan\n"
+                    "2\t2\t1\t0.9\t0\t1.0\t0.8\t0.9\t0.05\t0.06\n")
+    text = report([path], radii=[0.0, 0.25, 0.55], norm_radii={"linf": [0.025]})
+    assert "| fo (zeroth order) | 0.667 | 0.333 | 0.000 | 0.2333 |" in text
+    assert "| fo (first order) | 0.667 | 0.667 | 0.333 | 0.3000 |" in text
+    assert "| fo (first order) | 0.333 | 0.0100 |" in text  # linf: nan counts as no certificate

@@ -146,6 +146,34 @@ def summary_table(results: Sequence[Results], radii: Sequence[float], *, latex: 
     return text
 
 
+#: Norms whose zeroth- and first-order radii a first-order log holds as ``radius_<norm>_0`` / ``radius_<norm>_1``.
+ORDER_NORMS = ("l2", "l1", "linf", "sub_l2", "sub_l1", "sub_linf")
+
+
+def norm_tables(results: Sequence[Results], radii: dict[str, Sequence[float]], *, latex: bool = False) -> str:
+    """Per norm, certified accuracy and ACR of the zeroth- against the first-order radius (seed 004 logs)."""
+    parts = []
+    for norm in ORDER_NORMS:
+        rows = []
+        grid = radii.get(norm.removeprefix("sub_"), radii["l2"])
+        for res in results:
+            for order, name in ((0, "zeroth"), (1, "first")):
+                key = f"radius_{norm}_{order}"
+                if key not in res.columns:
+                    continue
+                values = np.array([float(v) for v in res.columns[key]])
+                if np.all(np.isnan(values)):
+                    continue
+                values = np.nan_to_num(values, nan=0.0)
+                rows.append([f"{res.name} ({name} order)"]
+                            + [f"{a:.3f}" for a in certified_accuracy(values, res.correct, grid)]
+                            + [f"{average_certified_radius(values, res.correct):.4f}"])
+        if rows:
+            header = [f"{norm} radius"] + [f"r={r:g}" for r in grid] + ["ACR"]
+            parts.append(_table(header, rows, latex))
+    return "\n\n".join(parts)
+
+
 def plot_curves(results: Sequence[Results], path: str | Path, *, proxy: bool = False) -> Path:
     """Write a PNG of certified accuracy against radius, one curve per results file."""
     import matplotlib
@@ -182,10 +210,12 @@ def improvement_table(results: Sequence[Results], baseline: Results, *, latex: b
 
 def report(files: Sequence[str | Path], *, radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
            latex: bool = False, plot: str | Path | None = None, labels: Sequence[str] | None = None,
-           proxy: bool = False, baseline: str | Path | None = None) -> str:
+           proxy: bool = False, baseline: str | Path | None = None,
+           norm_radii: dict[str, Sequence[float]] | None = None) -> str:
     """The table for ``files`` (and a plot when ``plot`` is a path); returns the text to print.
 
-    With ``baseline`` (another results file), also ARI and proxy ARI of each file over it.
+    With ``baseline`` (another results file), also ARI and proxy ARI of each file over it. Files with zeroth-
+    and first-order radii per norm (``--method first-order``) get one table per norm, at ``norm_radii[norm]``.
     """
     if labels is not None and len(labels) != len(files):
         raise ValueError(f"got {len(labels)} labels for {len(files)} files")
@@ -193,6 +223,10 @@ def report(files: Sequence[str | Path], *, radii: Sequence[float] = (0.0, 0.25, 
     text = summary_table(results, radii, latex=latex, proxy=proxy)
     if baseline is not None:
         text += "\n\n" + improvement_table(results, load_results(baseline), latex=latex)
+    per_norm = norm_tables(results, {"l2": radii, "l1": radii, "linf": [r / 28 for r in radii], **(norm_radii or {})},
+                           latex=latex)
+    if per_norm:
+        text += "\n\n" + per_norm
     if plot is not None:
         text += f"\n\nplot: {plot_curves(results, plot)}"
     return text
