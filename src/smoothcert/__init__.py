@@ -17,6 +17,8 @@ from .ensemble import Ensemble, load_ensemble
 from .objectives import OBJECTIVES, Objective, make_objective
 from .pca import PCAProjection, add_pca, fit_pca  # also registers the "pca" layer kind for checkpoints
 from .training import train
+from .firstorder import FirstOrderCertificate, Subspace, certify_first_order
+from .methods import CertifyMethod, RunContext, method_class
 
 __version__ = "0.1.0"
 
@@ -26,5 +28,5 @@ __all__ = [
     "Noise", "Region", "RotatedGaussian", "Smooth", "binomial_pvalue", "certify", "clopper_pearson_lower",
     "clopper_pearson_upper", "input_generator", "noise_from_parameters", "predict", "sample_counts",
     "Ensemble", "load_ensemble", "OBJECTIVES", "Objective", "make_objective", "PCAProjection", "add_pca", "fit_pca",
-    "train",
+    "train", "FirstOrderCertificate", "Subspace", "certify_first_order", "CertifyMethod", "RunContext", "method_class",
 ]
