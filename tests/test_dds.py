@@ -18,10 +18,11 @@ from smoothcert.smooth import certify
 class Ellipse(torch.nn.Module):
     """Class 1 inside the ellipse ``||diag(1/axes) R^T (x - c)|| < 1`` (soft logits), class 0 outside."""
 
-    def __init__(self, angle=0.0, axes=(0.6, 0.15), center=(0.5, 0.5), k=10.0):
+    def __init__(self, angle=0.0, axes=(0.6, 0.15), center=(0.5, 0.5), k=10.0, rotation=None):
         super().__init__()
         c, s = math.cos(angle), math.sin(angle)
-        self.register_buffer("rot", torch.tensor([[c, -s], [s, c]]))
+        rot = torch.tensor([[c, -s], [s, c]]) if rotation is None else torch.as_tensor(rotation).float()
+        self.register_buffer("rot", rot)  # columns: the ellipse's axes
         self.register_buffer("axes", torch.tensor(axes))
         self.register_buffer("c", torch.tensor(center))
         self.k = k
@@ -197,3 +198,80 @@ def test_options_and_bad_settings():
         DDS(0.5, samples=0)
     with pytest.raises(ValueError, match="opt-gap"):
         DDS(0.5, gap="logits")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=-1), "steps"), (dict(samples=0), "samples"), (dict(lr=float("nan")), "learning rate"),
+    (dict(family="laplace"), "family"), (dict(gap="logit"), "gap"), (dict(scale0=0.0), "starting scale"),
+])
+def test_optimizer_bad_arguments(kwargs, match):
+    args = dict(scale0=0.1, generators=gens("x", 2))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        optimize_dds(Ellipse(), torch.rand(2, 2), args.pop("scale0"), **args)
+    with pytest.raises(ValueError, match="generators"):
+        optimize_dds(Ellipse(), torch.rand(2, 2), 0.1, generators=gens("x", 3))
+
+
+class Stripe(torch.nn.Module):
+    """Class 0 on the thin stripe |x_0 - 0.5| < 0.02, class 1 elsewhere."""
+
+    def forward(self, x):
+        s = 100 * ((x.reshape(x.shape[0], -1)[:, 0] - 0.5).abs() - 0.02)
+        return torch.stack([-s, s], 1)
+
+
+class FixedChoices(DataDependentMethod):
+    """A data-dependent method whose 'optimization' returns a given sigma per dataset index (pipeline tests)."""
+
+    def __init__(self, sigmas, **kw):
+        super().__init__(0.25, **kw)
+        self.sigmas = sigmas
+        self.name = "fixed-choices"  # an instance attribute: not registered as a method
+
+    @classmethod
+    def from_args(cls, args):
+        return cls({})
+
+    def choose(self, ctx, x, indices):
+        from smoothcert.methods.datadependent import Choice
+
+        return [Choice(IsotropicGaussian(self.sigmas[int(i)]), {"scale_iso": self.sigmas[int(i)]}) for i in indices]
+
+
+def test_memory_keeps_abstains_shrinks_and_resumes(tmp_path):
+    model = Stripe()
+    ctx = context(model, n0=100, n=2000, alpha=0.001)
+    sigmas = {0: 0.25, 1: 0.01, 2: 0.01, 3: 0.01}
+    first = FixedChoices(sigmas, memory=False).certify(ctx, torch.tensor([[0.6, 0.5]]), torch.tensor([1]), [0])[0]
+    r1 = first["radius"]
+    assert first["predict"] == 1 and r1 > 0.2
+    # x2 lies inside x1's ball (class 0 there): abstains; x3's small ball overlaps x1's ball: shrunk; x4 far: kept
+    h = math.sqrt((r1 + 0.012) ** 2 - 0.01)
+    x = torch.tensor([[0.6, 0.5], [0.5, 0.5], [0.5, 0.5 + h], [0.5, 0.0]])
+    if 0.5 + h > 1:
+        pytest.skip("geometry of the example left the unit square")
+    method = FixedChoices(sigmas)
+    log = tmp_path / "log.tsv"
+    rows = run_method(method, ctx, x, torch.tensor([1, 0, 0, 0]), [0, 1, 2, 3], tmp_path)
+    assert [r["memory"] for r in rows] == ["kept", "abstained", "shrunk", "kept"]
+    assert [r["predict"] for r in rows] == [1, -1, 0, 0]
+    free = FixedChoices(sigmas, memory=False).certify(ctx, x, torch.tensor([1, 0, 0, 0]), [0, 1, 2, 3])
+    assert 0 < rows[2]["radius"] < free[2]["radius"]
+    assert rows[2]["radius"] <= math.dist(x[2].tolist(), x[0].tolist()) - r1 + 1e-12
+    assert rows[3]["radius"] == free[3]["radius"] and rows[0]["radius"] == free[0]["radius"]
+    assert method.config()["memory"] is True
+    # a crash after the memory recorded inputs 1-3 but before their rows were written: they are processed
+    # again and get the recorded decisions
+    again = FixedChoices(sigmas)
+    again.open(ctx, log, [0])
+    redo = again.certify(ctx, x[1:], torch.tensor([0, 0, 0]), [1, 2, 3])
+    again.close()
+    assert [(r["memory"], r["predict"], r["radius"]) for r in redo] == \
+        [(r["memory"], r["predict"], r["radius"]) for r in rows[1:]]
+    with pytest.raises(ValueError, match="memory"):
+        FixedChoices(sigmas).open(ctx, log, [0, 1, 2, 3, 4])  # more rows than the memory recorded
+    changed = FixedChoices({**sigmas, 3: 0.02})
+    changed.open(ctx, log, [0, 1, 2])
+    with pytest.raises(ValueError, match="reproducible"):
+        changed.certify(ctx, x[3:], torch.tensor([0]), [3])

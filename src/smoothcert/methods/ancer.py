@@ -28,8 +28,8 @@ import torch
 
 from ..noise import DiagonalGaussian
 from .base import RunContext
-from .datadependent import (Choice, DataDependentMethod, OptimizationResult, expand_rows, mean_probs,
-                            objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, expand_rows,
+                            mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
 
 __all__ = ["optimize_ancer", "ANCER", "anisotropic_objective"]
 
@@ -66,12 +66,13 @@ def optimize_ancer(
     (B, d, d), orthonormal columns: the noise is ``U diag(theta) w`` (RANCER) instead of ``diag(theta) w``.
     ``callback(step, theta)`` sees ``theta`` after every projected update.
     """
+    check_optimizer_arguments(x, generators, steps, lr, samples, family, gap)
     b, shape = x.shape[0], tuple(x.shape[1:])
     d = int(torch.tensor(shape).prod()) if shape else 1
-    if len(generators) != b:
-        raise ValueError(f"got {len(generators)} generators for {b} inputs")
     x = x.detach().float()
     theta = expand_rows(theta0, b, d, x.device).clone()
+    if not bool(torch.isfinite(theta).all()) or bool((theta <= 0).any()):
+        raise ValueError("the starting theta (theta_iso) must be finite and > 0")
     low = theta.clone() if lower is None else expand_rows(lower, b, d, x.device)
     high = None if upper is None else expand_rows(upper, b, d, x.device)
     theta = torch.clamp(theta, min=low, max=high).requires_grad_(True)

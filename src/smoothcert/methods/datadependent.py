@@ -43,8 +43,8 @@ from ..smooth import certify
 from .base import CertifyMethod, RunContext, certificate_row
 
 __all__ = [
-    "FAMILIES", "GAPS", "NotDifferentiable", "OptimizationResult", "standard_draws", "objective_gap",
-    "objective_and_gradient", "mean_probs", "DataDependentMethod", "Choice",
+    "FAMILIES", "GAPS", "NotDifferentiable", "check_optimizer_arguments", "OptimizationResult", "standard_draws",
+    "objective_gap", "objective_and_gradient", "mean_probs", "DataDependentMethod", "Choice",
 ]
 
 #: Noise families the optimizers reparameterize: ``eps = scale * w`` with ``w ~ N(0, 1)`` or ``U[-1, 1]``.
@@ -74,6 +74,24 @@ class OptimizationResult:
     classes: torch.Tensor
     objective: torch.Tensor
     finite: torch.Tensor
+
+
+def check_optimizer_arguments(x: torch.Tensor, generators: Sequence, steps: int, lr: float, samples: int,
+                              family: str = "gaussian", gap: str = "pa") -> None:
+    """One clear error for a bad argument of an optimizer (shared by DDS, ANCER / RANCER and RDDRS)."""
+    if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x) or x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError("x must be a non-empty floating-point batch (B, *input_shape), pixels in [0, 1]")
+    if len(generators) != x.shape[0]:
+        raise ValueError(f"got {len(generators)} generators for {x.shape[0]} inputs (one per input)")
+    for label, value, low in (("steps", steps, 0), ("samples", samples, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"the learning rate must be a finite number >= 0, got {lr!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"noise family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if gap not in GAPS:
+        raise ValueError(f"objective gap must be one of {', '.join(GAPS)}, got {gap!r}")
 
 
 def standard_draws(generators: Sequence[torch.Generator | None], samples: int, shape: Sequence[int],
@@ -214,9 +232,17 @@ _SHARED_FLAG = "_smoothcert_datadependent_options"
 
 
 class DataDependentMethod(CertifyMethod):
-    """Base class: subclasses implement :meth:`choose` (noise per input); certification, memory, saving here."""
+    """Base class: subclasses implement :meth:`choose` (noise per input); certification, memory, saving here.
 
-    columns = ("sigma", "scale_iso", "min_scale", "max_scale", "norm", "memory", "fallback")
+    Row columns after the common ones: ``sigma`` (the run's sigma_0), ``scale_iso`` (the input's isotropic DDS
+    scale: sigma_x, or the uniform half-width), ``min_scale`` / ``max_scale`` (of the certified noise),
+    ``norm`` (l2 or l1), ``radius_norm`` (radius of the largest ball *of that norm* inside the region: equal
+    to ``radius`` for l2; for l1 the smallest semi-axis ``gap * min lambda``, while ``radius`` stays the l2
+    inscribed radius), ``memory`` (kept / shrunk / abstained; ``off`` without memory; ``n/a`` when
+    certification abstained) and ``fallback`` (``none`` or why the isotropic noise at sigma_0 was used).
+    """
+
+    columns = ("sigma", "scale_iso", "min_scale", "max_scale", "norm", "radius_norm", "memory", "fallback")
     norms: tuple[str, ...] = ("l2",)
 
     def __init__(self, sigma: float, *, samples: int = 100, dds_steps: int = 900, dds_lr: float = 0.04,
@@ -238,6 +264,7 @@ class DataDependentMethod(CertifyMethod):
         self.samples, self.dds_steps, self.dds_lr = samples, dds_steps, float(dds_lr)
         self.gap, self.norm, self.use_memory, self.max_batch = gap, norm, bool(memory), max_batch
         self.memory = None
+        self._replay: dict = {}
         self.noise_dir: Path | None = None
         #: The :class:`~smoothcert.smooth.Certificate` records of the last batch (before memory), for inspection.
         self.last_certificates: list = []
@@ -335,14 +362,17 @@ class DataDependentMethod(CertifyMethod):
             scales = torch.as_tensor(choice.noise.scales(), dtype=torch.float64).reshape(-1)
             row.update(sigma=self.sigma, scale_iso=float(choice.extra.pop("scale_iso", float("nan"))),
                        min_scale=float(scales.min()), max_scale=float(scales.max()), norm=self.norm,
+                       radius_norm=0.0 if cert.abstained else float(cert.region.axes.min()),
                        fallback=choice.fallback, memory="off" if not self.use_memory else "n/a")
-            if self.memory is not None and not cert.abstained:
-                action, region, radius = self.memory.check(int(idx), x[i], cert.prediction, cert.region)
-                row["memory"] = action
+            if self.use_memory:
+                action, region, radius = self._remember(int(idx), x[i], cert)
+                if not cert.abstained:
+                    row["memory"] = action
                 if action == "abstained":
-                    row.update(predict=-1, radius=0.0, radius_proxy=0.0)
-                elif action == "shrunk":
-                    row.update(radius=float(radius), radius_proxy=float(region.proxy_radius))
+                    row.update(predict=-1, radius=0.0, radius_proxy=0.0, radius_norm=0.0)
+                elif action == "shrunk":  # an l2 ball of radius r holds the l1 ball of radius r too
+                    row.update(radius=float(radius), radius_proxy=float(region.proxy_radius),
+                               radius_norm=float(radius))
             row.update({k: v for k, v in choice.extra.items() if k in self.columns})
             for column in self.columns:
                 row.setdefault(column, "none")
@@ -391,12 +421,52 @@ class DataDependentMethod(CertifyMethod):
         if self.use_memory:
             self.memory = self.open_memory(ctx, Path(results), done)
 
+    def memory_fingerprint(self, ctx: RunContext) -> dict[str, Any]:
+        """What a saved memory must have been built with: the method's settings and the run's sampling."""
+        return {**self.config(), "seed": ctx.seed, "n0": ctx.n0, "n": ctx.n, "alpha": ctx.alpha,
+                "dtype": str(ctx.dtype), "num_classes": ctx.num_classes}
+
     def open_memory(self, ctx: RunContext, results: Path, done: Sequence[int]):
+        """Create or resume ``<results>.memory`` (:meth:`CertificationMemory.open`) and reconcile it with the log.
+
+        The memory records an input before the runner writes its row, so after a crash it may hold records of
+        inputs whose rows are missing; those inputs are processed again, and their recomputed certificate must
+        match the recorded decision (else a ValueError: never two different decisions for one input).
+        """
         from ..memory import CertificationMemory
 
-        memory = CertificationMemory()
-        memory.open(results.with_name(results.name + ".memory"), self.config())
+        memory = CertificationMemory.open(results.with_name(results.name + ".memory"), self.memory_fingerprint(ctx))
+        records = memory.records
+        done = [int(i) for i in done]
+        if len(records) < len(done) or [r.index for r in records[: len(done)]] != done:
+            raise ValueError(f"{results}.memory does not match {results}: it holds {len(records)} records for "
+                             f"{len(done)} rows (or another order); the memory must record every certified input, "
+                             "so use another output path (or remove both)")
+        regions = {index: region for index, _, region in memory.stored}
+        self._replay = {r.index: (r, regions.get(r.index)) for r in records[len(done):]}
         return memory
+
+    def _remember(self, index: int, center: torch.Tensor, cert) -> tuple[str, Any, float]:
+        """Algorithm 1 for one certified input (an abstained certificate is recorded as abstained)."""
+        if self.memory is None:  # used without open(): an in-process memory, still sound across this process
+            from ..memory import CertificationMemory
+
+            self.memory, self._replay = CertificationMemory(), {}
+        if self._replay:
+            if index not in self._replay:
+                raise ValueError(f"the saved memory holds records of inputs after the log's last row, but not of "
+                                 f"index {index}: the run's order changed; use another output path")
+            record, region = self._replay.pop(index)
+            same = record.prediction == cert.prediction and (
+                record.action != "kept" or (region is not None and cert.region is not None and
+                                            torch.allclose(region.axes, cert.region.axes.to(region.axes.device),
+                                                           rtol=1e-9, atol=0.0)))
+            if not same:
+                raise ValueError(f"index {index} was recorded in the memory with prediction {record.prediction} "
+                                 f"({record.action}) but now certifies {cert.prediction}: the computation is not "
+                                 "reproducible on this machine; use another output path")
+            return record.action, region, record.radius
+        return self.memory.check(index, center, cert.prediction, cert.region)
 
     def close(self) -> None:
         if self.memory is not None and hasattr(self.memory, "close"):

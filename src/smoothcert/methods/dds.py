@@ -22,8 +22,8 @@ import torch
 
 from ..noise import IsotropicGaussian
 from .base import RunContext
-from .datadependent import (Choice, DataDependentMethod, OptimizationResult, mean_probs, objective_and_gradient,
-                            objective_gap, rows_finite, standard_draws)
+from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, mean_probs,
+                            objective_and_gradient, objective_gap, rows_finite, standard_draws)
 
 __all__ = ["optimize_dds", "DDS"]
 
@@ -51,11 +51,12 @@ def optimize_dds(
     ``classes``: the class ``c_A`` per input (default: the top class of the averaged softmax at the start).
     ``callback(step, scale)`` sees the scales after every update. Returns the (B,) scales.
     """
+    check_optimizer_arguments(x, generators, steps, lr, samples, family, gap)
     b, shape = x.shape[0], tuple(x.shape[1:])
-    if len(generators) != b:
-        raise ValueError(f"got {len(generators)} generators for {b} inputs")
     x = x.detach().float()
     scale = torch.as_tensor(scale0, dtype=torch.float32, device=x.device).expand(b).clone()
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise ValueError("the starting scale (sigma_0, or the uniform half-width) must be finite and > 0")
     floor = (scale / 100.0) if min_scale is None else torch.full_like(scale, float(min_scale))
     scale.requires_grad_(True)
     finite = torch.ones(b, dtype=torch.bool, device=x.device)

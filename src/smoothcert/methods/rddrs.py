@@ -36,8 +36,8 @@ import torch
 
 from ..noise import FullGaussian
 from .base import RunContext
-from .datadependent import (Choice, DataDependentMethod, OptimizationResult, mean_probs, objective_and_gradient,
-                            objective_gap, rows_finite, standard_draws)
+from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, mean_probs,
+                            objective_and_gradient, objective_gap, rows_finite, standard_draws)
 
 __all__ = ["optimize_rddrs", "spd_exp", "RDDRS"]
 
@@ -83,10 +83,9 @@ def optimize_rddrs(
     ``C`` starts at ``sigma* I`` and keeps eigenvalues ``>= sigma*`` (scalar or (B,)). ``callback(step, C)``
     sees ``C`` after every update (symmetric, clipped).
     """
+    check_optimizer_arguments(x, generators, steps, lr, samples, "gaussian", gap)
     b, shape = x.shape[0], tuple(x.shape[1:])
     d = int(torch.tensor(shape).prod()) if shape else 1
-    if len(generators) != b:
-        raise ValueError(f"got {len(generators)} generators for {b} inputs")
     x = x.detach().float()
     floor = torch.as_tensor(sigma_star, dtype=torch.float64, device=x.device).expand(b).clone()
     if not bool(torch.isfinite(floor).all()) or bool((floor <= 0).any()):

@@ -1,0 +1,96 @@
+"""RANCER (seed 000 ch. 4): Hessian basis, clipping window at every step, soundness, best-of on its own streams."""
+
+import math
+
+import torch
+
+from smoothcert.hessian import hessian_basis
+from smoothcert.methods import RunContext
+from smoothcert.methods.ancer import optimize_ancer
+from smoothcert.methods.datadependent import DataDependentMethod
+from smoothcert.methods.rancer import RANCER, RANCERBest
+from smoothcert.noise import DiagonalGaussian, RotatedGaussian
+
+from test_ancer import assert_sound, linear_problem, soundness_violations
+from test_dds import Ellipse, gens
+
+
+def test_hessian_basis_follows_a_rotated_boundary_and_theta_stays_in_the_window():
+    angle = 0.6
+    model = Ellipse(angle=angle, axes=(0.5, 0.12))
+    x = torch.tensor([[0.5, 0.5], [0.53, 0.5]])
+    basis, _, finite, form = hessian_basis(model, x)
+    assert finite.all() and form == "double"  # a quadratic model: second derivatives matter
+    axis = torch.tensor([math.cos(angle), math.sin(angle)], dtype=torch.float64)
+    # at the centre one eigenvector is the ellipse's long axis (up to sign); off-centre, close to it
+    alignment = (basis.transpose(1, 2) @ axis).abs().amax(1)
+    assert math.isclose(float(alignment[0]), 1.0, abs_tol=1e-9) and float(alignment[1]) > 0.99
+    theta_iso = torch.tensor([0.05, 0.04])
+    seen = []
+    result = optimize_ancer(model, x, theta_iso, generators=gens("r", 2), lower=theta_iso * 0.5,
+                            upper=theta_iso * 1.5, basis=basis, steps=60, callback=lambda s, t: seen.append(t.clone()))
+    assert len(seen) == 60
+    low, high = (theta_iso * 0.5)[:, None], (theta_iso * 1.5)[:, None]
+    assert all(bool(((t >= low) & (t <= high)).all()) for t in seen)
+    # along the long axis theta grows to the top of the window, across it stays smaller
+    along = (basis.transpose(1, 2) @ axis).abs().argmax(1)
+    for i in range(2):
+        assert math.isclose(float(result.params[i, along[i]]), float(high[i]), rel_tol=1e-5)
+        assert float(result.params[i, 1 - along[i]]) < float(high[i]) * 0.9
+
+
+def test_rotated_certificates_never_cross_a_linear_boundary_beyond_alpha():
+    alpha, trials = 0.1, 40
+    violations, certified = soundness_violations(
+        lambda: RANCER(0.3, samples=32, dds_steps=10, steps=20, memory=False), trials, alpha)
+    assert_sound(violations, certified, trials, alpha)
+
+
+def test_rows_saved_basis_and_fall_back_to_the_axes(tmp_path):
+    model, x0, _ = linear_problem(5)
+    ctx = RunContext(model, 2, 20, 200, 0.01, 200, torch.float32, 0, torch.device("cpu"))
+    method = RANCER(0.2, samples=16, dds_steps=3, steps=4, memory=False)
+    method.open(ctx, tmp_path / "r.tsv", [])
+    (row,) = method.certify(ctx, x0[None], torch.tensor([1]), [2])
+    noise = DataDependentMethod.load_noise(tmp_path / "r.tsv", 2)
+    assert isinstance(noise, RotatedGaussian) and row["basis"] == "hessian"
+    iso = row["scale_iso"]
+    assert iso * 0.5 * (1 - 1e-6) <= float(noise.theta.min()) <= float(noise.theta.max()) <= iso * 1.5 * (1 + 1e-6)
+    assert method.config()["rancer_lambda1"] == 0.5 and method.config()["hessian"] == "auto"
+
+    class Exploding(torch.nn.Module):
+        def forward(self, v):
+            return model(v) * torch.where(v[:, :1] > 10, float("inf"), 1.0).detach()
+
+    # non-finite Hessian at the input (first coordinate moved beyond 10): the axis-aligned basis is used
+    x_bad = x0.clone()
+    x_bad[0] = 10.5
+    basis, _, finite, _ = hessian_basis(Exploding(), x_bad[None])
+    assert not finite[0] and torch.equal(basis[0], torch.eye(5, dtype=torch.float64))
+
+
+def test_best_of_chooses_on_its_own_streams_and_certifies_only_the_winner(tmp_path):
+    model = Ellipse(angle=0.7, axes=(0.5, 0.12))
+    x = torch.tensor([[0.5, 0.5], [0.52, 0.49]])
+    ctx = RunContext(model, 2, 30, 300, 0.01, 300, torch.float32, 0, torch.device("cpu"))
+    kw = dict(samples=40, dds_steps=20, dds_lr=0.002, steps=30, memory=False)
+    best = RANCERBest(0.1, select_samples=500, **kw)
+    best.open(ctx, tmp_path / "b.tsv", [])
+    rows = best.certify(ctx, x, torch.tensor([1, 1]), [0, 1])
+    for i, row in enumerate(rows):
+        assert row["chosen"] == ("rancer" if row["proxy_rancer"] > row["proxy_ancer"] else "ancer")
+        noise = DataDependentMethod.load_noise(tmp_path / "b.tsv", i)
+        assert isinstance(noise, RotatedGaussian if row["chosen"] == "rancer" else DiagonalGaussian)
+    assert any(row["chosen"] == "rancer" for row in rows)  # the rotated boundary favours RANCER
+    # the candidates are exactly what ANCER and RANCER alone produce (same optimization streams) ...
+    plain = RANCER(0.1, **kw)
+    plain.open(ctx, tmp_path / "r.tsv", [])
+    rancer_rows = plain.certify(ctx, x, torch.tensor([1, 1]), [0, 1])
+    for i, (row, r) in enumerate(zip(rows, rancer_rows)):
+        if row["chosen"] == "rancer":  # ... and the winner is certified on the usual certification streams
+            assert row["radius"] == r["radius"] and row["p_lower"] == r["p_lower"]
+    # the choice streams are not the certification streams
+    choose = torch.randn(6, generator=ctx.generators([0], "choose-rancer")[0])
+    sel, est = ctx.certify_generators([0])[0]
+    assert not torch.equal(choose, torch.randn(6, generator=sel))
+    assert not torch.equal(choose, torch.randn(6, generator=est))

@@ -1,0 +1,153 @@
+"""RDDRS (seed 003): exponential map, Monte Carlo gradient of G, constraints, rotation invariance, soundness."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from smoothcert.methods import RunContext
+from smoothcert.methods.ancer import optimize_ancer
+from smoothcert.methods.datadependent import DataDependentMethod, mean_probs, objective_and_gradient, objective_gap, \
+    standard_draws
+from smoothcert.methods.rddrs import RDDRS, optimize_rddrs, spd_exp
+from smoothcert.noise import FullGaussian
+
+from test_ancer import assert_sound, linear_problem, soundness_violations
+from test_dds import Ellipse, gens
+
+F64 = torch.float64
+
+
+def random_spd(d, gen, low=0.2):
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
+    return (q * (low + torch.rand(d, generator=gen, dtype=F64))) @ q.T
+
+
+def test_exponential_map_matches_scipy():
+    gen = torch.Generator().manual_seed(0)
+    for d in (2, 5):
+        c = random_spd(d, gen)
+        v = torch.randn(d, d, generator=gen, dtype=F64)
+        v = v + v.T
+        half = scipy.linalg.sqrtm(c.numpy()).real
+        inv_half = np.linalg.inv(half)
+        expected = half @ scipy.linalg.expm(inv_half @ v.numpy() @ inv_half) @ half
+        got = spd_exp(c, v)
+        assert np.allclose(got.numpy(), expected, atol=1e-10)
+        assert torch.equal(got, got.T) and bool((torch.linalg.eigvalsh(got) > 0).all())
+        assert torch.allclose(spd_exp(c, torch.zeros_like(c)), c, atol=1e-12)
+
+
+def test_gradient_of_G_is_the_papers_monte_carlo_formula():
+    """Seed 003: grad G(C) = C E[A] C with A_ij = (Z_j dF_i(y) + Z_i dF_j(y)) / 2, y = x + C Z (Euclidean part E[A])."""
+    model = Ellipse(angle=0.4)
+    x = torch.tensor([[0.5, 0.52]])
+    c = random_spd(2, torch.Generator().manual_seed(1), low=0.05).float() * 0.2
+    leaf = c.clone()[None].requires_grad_(True)
+    z = standard_draws(gens("g"), 500, (2,))
+    _, (grad,) = objective_and_gradient(model, x, z, lambda w: torch.bmm(w, leaf), lambda p: p[:, 1], [leaf])
+    # the paper's estimator, sample by sample
+    y = (x + z[0] @ c).requires_grad_(True)
+    dfdy = torch.autograd.grad(torch.softmax(model(y), 1)[:, 1].sum(), y)[0]  # (S, 2)
+    a = 0.5 * (z[0][:, :, None] * dfdy[:, None, :] + dfdy[:, :, None] * z[0][:, None, :])
+    expected = a.mean(0)
+    assert torch.allclose(0.5 * (grad[0] + grad[0].T), expected, atol=1e-6)
+
+
+class Constant(torch.nn.Module):
+    """p = (0.2, 0.8) everywhere: the gradient of G vanishes, only the geometric-mean term moves C."""
+
+    def forward(self, x):
+        s = 0.0 * x.reshape(x.shape[0], -1).sum(1)
+        return torch.stack([s, s + math.log(4.0)], 1)
+
+
+def test_one_step_of_the_geomean_term_is_the_riemannian_exponential():
+    """With dG = 0 and kappa = 0: grad H = R P C / d, and Exp_C(gamma R P C / d) = C exp(gamma R P / d)."""
+    d, sigma, lr = 3, 0.3, 0.7
+    result = optimize_rddrs(Constant(), torch.zeros(1, d), sigma, generators=gens("k"), steps=1, lr=lr, samples=10,
+                            kappa=0.0)
+    r = float(torch.special.ndtri(torch.tensor(0.8, dtype=F64)))
+    expected = sigma * math.exp(lr * r * sigma / d)
+    assert torch.allclose(result.params[0], expected * torch.eye(d, dtype=F64), rtol=1e-6)
+
+
+def test_objective_rises_and_constraints_hold_at_every_step():
+    model = Ellipse(angle=0.5)
+    x = torch.tensor([[0.5, 0.5], [0.48, 0.53]])
+    floor = torch.tensor([0.05, 0.04], dtype=F64)
+    seen = []
+    result = optimize_rddrs(model, x, floor, generators=gens("rd", 2), steps=60, lr=1.0, samples=500,
+                            callback=lambda s, c: seen.append(c.clone()))
+    assert len(seen) == 60 and result.params.dtype == F64 and result.finite.all()
+    for c in seen:
+        assert torch.equal(c, c.transpose(1, 2))
+        assert bool((torch.linalg.eigvalsh(c) >= floor[:, None] * (1 - 1e-9)).all())
+    start, end = result.objective[:5].mean(0), result.objective[-5:].mean(0)
+    assert (end > start * 1.3).all(), (start, end)
+    for i in range(2):
+        FullGaussian(result.params[i])  # a valid SPD scale
+
+
+def proxy(model, x, scale_rows, scales, classes, n=20000, seed=99):
+    w = standard_draws(gens("evaluate", x.shape[0], seed=seed), n, (2,))
+    p = mean_probs(model, x, w, lambda v: torch.bmm(v, scale_rows))
+    return float((objective_gap(p, classes) * torch.exp(torch.log(scales).mean(1)).float())[0])
+
+
+def test_rddrs_is_rotation_invariant_and_ancer_is_not():
+    """Seed 003's claim: rotate the data and the classifier together by an orthogonal Q; RDDRS's proxy radius
+    does not change (up to Monte Carlo noise), ANCER's drops as the boundary leaves the coordinate axes."""
+    q, _ = torch.linalg.qr(torch.randn(2, 2, generator=torch.Generator().manual_seed(0), dtype=F64))
+    angle = math.atan2(float(q[1, 0]), float(q[0, 0]))
+    assert abs(math.sin(2 * angle)) > 0.9  # this Q turns the axis-aligned ellipse well away from the axes
+    c = torch.tensor([0.5, 0.5])
+    offset = torch.tensor([0.03, -0.01])
+    cls = torch.tensor([1])
+    ancer, rddrs = {}, {}
+    for name, rot in (("original", torch.eye(2, dtype=F64)), ("rotated", q)):
+        model = Ellipse(axes=(0.6, 0.15), rotation=rot)  # f_Q(x) = f(c + Q^T (x - c))
+        x = (c + rot.float() @ offset)[None]  # x_Q = c + Q (x - c)
+        a = optimize_ancer(model, x, 0.05, generators=gens("a"), steps=100, classes=cls)
+        ancer[name] = proxy(model, x, torch.diag_embed(a.params), a.params.double(), cls)
+        r = optimize_rddrs(model, x, 0.05, generators=gens("r"), steps=100, lr=1.0, samples=1000, classes=cls)
+        rddrs[name] = proxy(model, x, r.params.float(), torch.linalg.eigvalsh(r.params), cls)
+    # Monte Carlo spread of RDDRS's result: the same problem with other optimization and evaluation seeds
+    model, x = Ellipse(axes=(0.6, 0.15)), (c + offset)[None]
+    spread = []
+    for seed in (1, 2, 3, 4):
+        r = optimize_rddrs(model, x, 0.05, generators=gens("r", seed=seed), steps=100, samples=1000, classes=cls)
+        spread.append(proxy(model, x, r.params.float(), torch.linalg.eigvalsh(r.params), cls, seed=seed))
+    noise = max(spread) - min(spread)
+    assert abs(rddrs["rotated"] - rddrs["original"]) <= 3 * noise, (rddrs, spread)
+    assert ancer["original"] - ancer["rotated"] > 10 * noise, (ancer, noise)
+    assert rddrs["rotated"] > ancer["rotated"] * 1.3
+
+
+def test_full_gaussian_certificates_never_cross_a_linear_boundary_beyond_alpha():
+    alpha, trials = 0.1, 40
+    violations, certified = soundness_violations(
+        lambda: RDDRS(0.3, samples=32, dds_steps=10, steps=10, rddrs_samples=200, memory=False), trials, alpha)
+    assert_sound(violations, certified, trials, alpha)
+
+
+def test_method_on_mnist_sized_inputs(tmp_path):
+    """d = 784: a 784 x 784 scale per input, float64 matrix functions; saved and reloaded exactly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    x = torch.rand(2, 1, 28, 28)
+    ctx = RunContext(model, 10, 10, 100, 0.01, 200, torch.float32, 0, torch.device("cpu"))
+    method = RDDRS(0.25, samples=8, dds_steps=1, steps=2, rddrs_samples=16, memory=False)
+    method.open(ctx, tmp_path / "m.tsv", [])
+    start = time.perf_counter()
+    rows = method.certify(ctx, x, torch.tensor([0, 1]), [0, 1])
+    assert time.perf_counter() - start < 60
+    for i, row in enumerate(rows):
+        noise = DataDependentMethod.load_noise(tmp_path / "m.tsv", i)
+        assert isinstance(noise, FullGaussian) and noise.scale.shape == (784, 784)
+        assert row["fallback"] == "none" and row["min_scale"] >= row["scale_iso"] * (1 - 1e-9)
+    with pytest.raises(ValueError, match="rddrs-samples"):
+        RDDRS(0.25, rddrs_samples=0)

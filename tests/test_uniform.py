@@ -1,0 +1,117 @@
+"""Uniform noise and its l1 certificate ``||delta / lambda||_1 <= 2 p_A - 1``, checked against exact and Monte
+Carlo probabilities on linear classifiers."""
+
+import math
+
+import pytest
+import torch
+
+from smoothcert import noise_from_parameters
+from smoothcert.geometry import CrossPolytope
+from smoothcert.sampling import input_generator, sample_counts
+from smoothcert.smooth import certify
+from smoothcert.uniform import UniformDiagonal, uniform_tv
+
+F64 = torch.float64
+
+
+def test_draws_range_std_and_parameters():
+    lam = torch.tensor([0.1, 0.5, 2.0], dtype=F64)
+    noise = UniformDiagonal(lam)
+    d = noise.draw(200_000, (3,), torch.Generator().manual_seed(0), dtype=F64)
+    assert (d.abs() <= lam).all()
+    std = d.std(0)
+    assert torch.allclose(std, lam / math.sqrt(3), rtol=0.01)  # standard error ~0.16 %
+    iso = UniformDiagonal.from_std(0.5)  # sigma -> lambda = sqrt(3) sigma
+    assert math.isclose(float(iso.half_width), 0.5 * math.sqrt(3))
+    assert abs(float(iso.draw(100_000, (2,), torch.Generator().manual_seed(1), dtype=F64).std()) - 0.5) < 0.005
+    again = noise_from_parameters("uniform-diagonal", noise.parameters())
+    assert torch.equal(again.half_width, lam)
+    iso2 = noise_from_parameters("uniform-diagonal", iso.parameters())
+    assert iso2.half_width.numel() == 1 and iso2.region(torch.zeros(4), 0.5).semi_axes.shape == (4,)
+    assert noise.gap(0.75) == 0.5 and noise.gap(0.5) == 0.0
+    with pytest.raises(ValueError, match="half_width"):
+        UniformDiagonal(torch.tensor([0.1, -1.0]))
+
+
+def test_total_variation_formula_matches_monte_carlo():
+    gen = torch.Generator().manual_seed(3)
+    lam = torch.tensor([0.3, 0.8, 0.5], dtype=F64)
+    noise = UniformDiagonal(lam)
+    n = 400_000
+    for delta in [torch.tensor([0.1, 0.2, -0.3], dtype=F64), torch.tensor([0.55, 0.0, 0.0], dtype=F64)]:
+        pts = noise.draw(n, (3,), gen, dtype=F64)  # U_0; fraction outside the shifted box = TV
+        outside = ((pts - delta).abs() > lam).any(1).double().mean()
+        tv = float(uniform_tv(delta[None], lam)[0])
+        assert abs(float(outside) - tv) < 5 * math.sqrt(0.25 / n)
+        assert tv <= 0.5 * float((delta.abs() / lam).sum()) + 1e-12  # the union bound behind the l1 region
+
+
+def axis_probability(x, j, t, lam):
+    """Exact P(x_j + eps_j > t) for eps_j ~ U[-lam_j, lam_j]."""
+    return torch.clamp((x[..., j] + lam[j] - t) / (2 * lam[j]), 0.0, 1.0)
+
+
+def test_l1_region_is_exact_along_an_axis_and_sound_inside():
+    """Axis-aligned classifier x_j > t: p(x) is linear in x_j, so the region's vertex along e_j has p = 1/2."""
+    lam = torch.tensor([0.4, 0.25, 0.6], dtype=F64)
+    x = torch.tensor([0.5, 0.5, 0.5], dtype=F64)
+    noise = UniformDiagonal(lam)
+    gen = torch.Generator().manual_seed(0)
+    for j, t in [(0, 0.3), (1, 0.35), (2, 0.1)]:
+        p = float(axis_probability(x, j, t, lam))
+        assert 0.5 < p < 1.0
+        region = noise.region(x, noise.gap(p))
+        vertex = x.clone()
+        vertex[j] -= float(region.semi_axes[j])  # toward the boundary
+        assert math.isclose(float(axis_probability(vertex, j, t, lam)), 0.5, abs_tol=1e-12)
+        # every point of the region keeps p >= 1/2 (random points on the region's boundary)
+        u = torch.randn(2000, 3, generator=gen, dtype=F64)
+        u = u / u.abs().sum(1, keepdim=True)
+        boundary = x + u * region.semi_axes
+        assert region.contains(boundary * (1 - 1e-12) + x * 1e-12).all()
+        assert (axis_probability(boundary, j, t, lam) >= 0.5 - 1e-12).all()
+
+
+def test_l1_region_is_sound_for_an_oblique_linear_classifier_by_monte_carlo():
+    """w . x > b with unequal half-widths: p at every vertex of the region stays >= 1/2 (Monte Carlo)."""
+    d, n = 3, 200_000
+    w = torch.tensor([1.0, -0.7, 0.4])
+    b = 0.1
+    lam = torch.tensor([0.3, 0.5, 0.2], dtype=F64)
+    noise = UniformDiagonal(lam)
+    x = torch.tensor([0.3, 0.1, 0.2])
+
+    def model(z):
+        s = z.reshape(z.shape[0], -1) @ w - b
+        return torch.stack([-s, s], 1)
+
+    def p_hat(points, stream):
+        gens = [input_generator(0, i, stream) for i in range(points.shape[0])]
+        c = sample_counts(model, points.float(), noise, n, 2, batch_size=50_000, generators=gens)
+        return c[:, 1].double() / n
+
+    p = float(p_hat(x[None], "center")[0])
+    tol = 4 * math.sqrt(0.25 / n)
+    gap = noise.gap(p - tol)  # a (Monte Carlo) lower bound of p_A
+    region = noise.region(x, gap)
+    vertices = x.double() + torch.cat([torch.diag(region.semi_axes), -torch.diag(region.semi_axes)])
+    assert (p_hat(vertices, "vertices") >= 0.5 - tol).all()
+
+
+def test_certify_with_uniform_noise_gives_l1_regions():
+    w = torch.tensor([0.0, 1.0])
+
+    def model(z):
+        s = z.reshape(z.shape[0], -1) @ w - 0.2
+        return torch.stack([-s, s], 1)
+
+    x = torch.tensor([[0.5, 0.5]])
+    noise = UniformDiagonal(torch.tensor([0.2, 0.5], dtype=F64))
+    (cert,) = certify(model, x, noise, 2, 100, 5000, 0.001, generators=[input_generator(0, 0, "c")])
+    assert cert.prediction == 1 and isinstance(cert.region, CrossPolytope)
+    assert math.isclose(cert.gap, 2 * cert.p_lower - 1)
+    assert torch.allclose(cert.region.semi_axes, noise.half_width * cert.gap)
+    # the exact p along x_2 is (0.5 + 0.5 - 0.2) / 1.0 = 0.8: the certified extent toward the boundary
+    # (0.5 * gap) must stay below the true distance 0.3 (= 0.5 * (2 * 0.8 - 1))
+    assert 0.5 * cert.gap <= 0.3
