@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..noise import DiagonalGaussian
+from ..uniform import UniformDiagonal
 from .base import RunContext
 from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, expand_rows,
                             mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
@@ -147,8 +148,6 @@ class ANCER(DataDependentMethod):
 
     def make_noise(self, theta: torch.Tensor):
         if self.family == "uniform":
-            from ..uniform import UniformDiagonal
-
             return UniformDiagonal(theta.double())
         return DiagonalGaussian(theta.double())
 

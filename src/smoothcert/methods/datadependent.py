@@ -38,8 +38,10 @@ from typing import Any
 
 import torch
 
+from ..memory import CertificationMemory
 from ..noise import IsotropicGaussian, Noise, noise_from_parameters
 from ..smooth import certify
+from ..uniform import UniformDiagonal
 from .base import CertifyMethod, RunContext, certificate_row
 
 __all__ = [
@@ -327,8 +329,6 @@ class DataDependentMethod(CertifyMethod):
     def base_noise(self) -> Noise:
         """The isotropic noise at ``--sigma``: the fall-back of every data-dependent method."""
         if self.family == "uniform":
-            from ..uniform import UniformDiagonal
-
             return UniformDiagonal.isotropic(self.base_scale)
         return IsotropicGaussian(self.sigma)
 
@@ -413,11 +413,11 @@ class DataDependentMethod(CertifyMethod):
     def open(self, ctx: RunContext, results: Path, done: Sequence[int]) -> None:
         self.noise_dir = self.noise_path(results)
         self.noise_dir.mkdir(parents=True, exist_ok=True)
-        missing = [int(i) for i in done if not (self.noise_dir / f"{int(i)}.safetensors").exists()]
+        missing = [int(i) for i in done if not self._saved_by_this_method(int(i))]
         if missing:
             raise ValueError(f"{results} has {len(done)} rows but {self.noise_dir} lacks the noise parameters of "
-                             f"{len(missing)} of them (e.g. index {missing[0]}): the log and its noise folder do not "
-                             "belong together; use another output path")
+                             f"{len(missing)} of them (e.g. index {missing[0]}), or holds another method's: the log "
+                             "and its noise folder do not belong together; use another output path")
         if self.use_memory:
             self.memory = self.open_memory(ctx, Path(results), done)
 
@@ -426,6 +426,17 @@ class DataDependentMethod(CertifyMethod):
         return {**self.config(), "seed": ctx.seed, "n0": ctx.n0, "n": ctx.n, "alpha": ctx.alpha,
                 "dtype": str(ctx.dtype), "num_classes": ctx.num_classes}
 
+    def _saved_by_this_method(self, index: int) -> bool:
+        from safetensors import safe_open
+
+        path = self.noise_dir / f"{index}.safetensors"
+        if not path.exists():
+            return False
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return (meta.get("method") == self.name and meta.get("index") == str(index)
+                and meta.get("kind") in Noise.registry)
+
     def open_memory(self, ctx: RunContext, results: Path, done: Sequence[int]):
         """Create or resume ``<results>.memory`` (:meth:`CertificationMemory.open`) and reconcile it with the log.
 
@@ -433,8 +444,6 @@ class DataDependentMethod(CertifyMethod):
         inputs whose rows are missing; those inputs are processed again, and their recomputed certificate must
         match the recorded decision (else a ValueError: never two different decisions for one input).
         """
-        from ..memory import CertificationMemory
-
         memory = CertificationMemory.open(results.with_name(results.name + ".memory"), self.memory_fingerprint(ctx))
         records = memory.records
         done = [int(i) for i in done]
@@ -449,8 +458,6 @@ class DataDependentMethod(CertifyMethod):
     def _remember(self, index: int, center: torch.Tensor, cert) -> tuple[str, Any, float]:
         """Algorithm 1 for one certified input (an abstained certificate is recorded as abstained)."""
         if self.memory is None:  # used without open(): an in-process memory, still sound across this process
-            from ..memory import CertificationMemory
-
             self.memory, self._replay = CertificationMemory(), {}
         if self._replay:
             if index not in self._replay:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..noise import IsotropicGaussian
+from ..uniform import UniformDiagonal
 from .base import RunContext
 from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, mean_probs,
                             objective_and_gradient, objective_gap, rows_finite, standard_draws)
@@ -106,8 +107,6 @@ class DDS(DataDependentMethod):
                 choices.append(Choice(self.base_noise(), {}, "non-finite optimization"))
                 continue
             if self.family == "uniform":
-                from ..uniform import UniformDiagonal
-
                 noise = UniformDiagonal.isotropic(scale)
             else:
                 noise = IsotropicGaussian(scale)
