@@ -120,9 +120,13 @@ def gauge_min(r1, r2, starts=2, seed=0):
     return best
 
 
+def norm2(v):
+    return float(np.linalg.norm(v))
+
+
 def boundary_distance(point, region, starts=3, seed=0):
     """min ||x - p|| over x = c + U (a * u), ||u|| <= 1 (l2) or ||u||_1 <= 1 (l1): real points of the region,
-    so the result is never below the true distance; multi-start Nelder-Mead."""
+    so the result is never below the true distance; multi-start Nelder-Mead, polished by SLSQP."""
     c, basis, axes, l1 = shape(region)
     p = point.numpy()
     d = c.size
@@ -139,7 +143,18 @@ def boundary_distance(point, region, starts=3, seed=0):
         s0 = toward if i == 0 else rng.normal(size=d) * 2
         res = minimize(f, s0, method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-13, "maxiter": 4000})
         best = min(best, res.fun)
-    return best
+    # polish: SLSQP over the same points (split variables u = u+ - u- for the l1 region), feasible points only
+    lin = basis * axes
+    if l1:
+        lin = np.hstack([lin, -lin])
+        cons = [{"type": "ineq", "fun": lambda v: 1.0 - v.sum(), "jac": lambda v: -np.ones_like(v)}]
+    else:
+        cons = [{"type": "ineq", "fun": lambda v: 1.0 - v @ v, "jac": lambda v: -2 * v}]
+    res = minimize(lambda v: (np.sum((c + lin @ v - p) ** 2), 2 * lin.T @ (c + lin @ v - p)),
+                   np.full(lin.shape[1], 0.01), jac=True, method="SLSQP", constraints=cons,
+                   bounds=[(0, None)] * lin.shape[1] if l1 else None, options={"ftol": 1e-15, "maxiter": 500})
+    v = np.maximum(res.x, 0.0) / max(1.0, np.maximum(res.x, 0.0).sum()) if l1 else res.x / max(1.0, norm2(res.x))
+    return min(best, float(np.linalg.norm(c + lin @ v - p)))  # v scaled into the region: a real point
 
 
 # ----------------------------------------------------------------------------------------------- l1 region

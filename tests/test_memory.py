@@ -122,7 +122,8 @@ def test_memory_leaves_no_conflicting_regions(d, seed):
             assert region is None and radius == 0.0
             assert any(bool(r.contains(center)) or reference_distance(center, r) < 1e-9 for r in near)
         elif action == KEPT:
-            assert region is original and radius == original.inscribed_radius
+            assert type(region) is type(original) and radius == original.inscribed_radius
+            assert torch.equal(region.center, original.center) and torch.equal(region.axes, original.axes)
             assert not any(intersects(original, r) for r in others)
         else:  # shrunk: the largest ball inside the original region that misses the other classes
             assert isinstance(region, Ball) and torch.equal(region.center, original.center)
@@ -248,6 +249,18 @@ def test_wrong_run_or_order_is_refused(tmp_path):
     with pytest.raises(ValueError, match="out of order"):
         CertificationMemory.open(tmp_path, config)
     assert json.loads(lines[0])["index"] == inputs[0][0]
+
+
+def test_stored_regions_do_not_alias_the_callers_tensors():
+    mem = CertificationMemory()
+    x = torch.zeros(2, dtype=F64)
+    axes = torch.ones(2, dtype=F64)
+    mem.check(0, x, 0, Ellipsoid(x, axes))
+    x += 5.0  # the caller reuses its buffers
+    axes *= 10.0
+    p = torch.tensor([0.5, 0.0], dtype=F64)
+    assert mem.check(1, p, 1, Ball(p, 0.1))[0] == ABSTAINED
+    assert mem.stored[0][2].center.tolist() == [0.0, 0.0] and mem.stored[0][2].axes.tolist() == [1.0, 1.0]
 
 
 def test_check_rejects_bad_input():

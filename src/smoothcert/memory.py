@@ -186,7 +186,8 @@ class CertificationMemory:
               region: Region | None) -> tuple[str, Region | None, float]:
         """Algorithm 1 for one input: returns ``(action, region or None, radius)`` and stores the region.
 
-        ``action`` is ``"kept"`` (region unchanged), ``"shrunk"`` (replaced by a Ball) or ``"abstained"``
+        ``action`` is ``"kept"`` (the region, as a copy the memory owns; a basis is shared and must not be
+        modified in place), ``"shrunk"`` (replaced by a Ball) or ``"abstained"``
         (inside another class's region, or ``prediction < 0``: the smoothed classifier already abstained);
         ``radius`` is the l2 radius certified after memory (0 when abstaining). ``index`` must be the next
         one of the recorded order; ``center`` is the input and must be the region's center.
@@ -208,7 +209,7 @@ class CertificationMemory:
             raise ValueError("center is not the region's center: memory certification needs the region around "
                              "the input it certifies")
         action, kept, radius = self._decide(prediction, region)
-        return self._finish(MemoryRecord(index, prediction, action, radius), kept)
+        return self._finish(MemoryRecord(index, prediction, action, radius), None if kept is None else _own(kept))
 
     def _decide(self, prediction: int, region: Region) -> tuple[str, Region | None, float]:
         x = region.center
@@ -377,6 +378,15 @@ def _as_prediction(prediction) -> int:
     except TypeError:
         raise TypeError(f"prediction must be an integer class (-1 for abstain), got {type(prediction).__name__}") \
             from None
+
+
+def _own(region: Region) -> Region:
+    """A copy whose center and axes share no storage with the caller's tensors (a basis is shared, not copied)."""
+    if isinstance(region, Ball):
+        return Ball(region.center.clone(), float(region.radius))
+    if isinstance(region, CrossPolytope):
+        return CrossPolytope(region.center.clone(), region.semi_axes.clone())
+    return Ellipsoid(region.center.clone(), region.semi_axes.clone(), region.basis)  # type: ignore[attr-defined]
 
 
 def _rebuild(spec: dict, chunk: dict[str, torch.Tensor], index: int) -> Region:
