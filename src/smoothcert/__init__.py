@@ -19,6 +19,8 @@ from .pca import PCAProjection, add_pca, fit_pca  # also registers the "pca" lay
 from .training import train
 from .firstorder import FirstOrderCertificate, Subspace, certify_first_order
 from .methods import CertifyMethod, RunContext, method_class
+from .geometry import CrossPolytope, distance_to_region, intersects, largest_ball_outside
+from .memory import CertificationMemory
 
 __version__ = "0.1.0"
 
@@ -29,4 +31,5 @@ __all__ = [
     "clopper_pearson_upper", "input_generator", "noise_from_parameters", "predict", "sample_counts",
     "Ensemble", "load_ensemble", "OBJECTIVES", "Objective", "make_objective", "PCAProjection", "add_pca", "fit_pca",
     "train", "FirstOrderCertificate", "Subspace", "certify_first_order", "CertifyMethod", "RunContext", "method_class",
+    "CrossPolytope", "distance_to_region", "intersects", "largest_ball_outside", "CertificationMemory",
 ]
