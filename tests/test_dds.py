@@ -275,3 +275,29 @@ def test_memory_keeps_abstains_shrinks_and_resumes(tmp_path):
     changed.open(ctx, log, [0, 1, 2])
     with pytest.raises(ValueError, match="reproducible"):
         changed.certify(ctx, x[3:], torch.tensor([0]), [3])
+
+
+def test_command_line_run_resumes_after_a_lost_row(tmp_path):
+    """End to end: `smoothcert certify --method ancer`; drop the last rows (a crash after the memory recorded the
+    inputs but before their rows were written) and run again: the rows come back identical, even though the
+    inputs are now grouped differently ([3, 4] instead of [2, 3], [4])."""
+    from smoothcert.checkpoint import save_checkpoint
+    from smoothcert.cli import main
+    from smoothcert.models import build_model
+
+    torch.manual_seed(0)
+    stem = save_checkpoint(tmp_path / "mlp", build_model("mlp", num_classes=2, input_shape=(2,)),
+                           {"dataset": "toy-rotated", "sigma": 0.1, "num_classes": 2})
+    out = tmp_path / "ancer.tsv"
+    argv = ["certify", "--checkpoint", f"{stem}.safetensors", "--out", str(out), "--method", "ancer", "--max", "5",
+            "--n", "200", "--n0", "20", "--dds-steps", "5", "--ancer-steps", "5", "--opt-samples", "20",
+            "--inputs-per-batch", "2", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 6 and all(line.split("\t")[-1] == "none" for line in lines[1:])  # fallback column
+    assert sorted(p.name for p in (tmp_path / "ancer.tsv.noise").iterdir()) == [f"{i}.safetensors" for i in range(5)]
+    out.write_text("\n".join(lines[:-2]) + "\n")
+    assert main(argv) == 0
+    again = out.read_text().splitlines()
+    strip = lambda line: [v for c, v in zip(lines[0].split("\t"), line.split("\t")) if c != "time"]  # noqa: E731
+    assert [strip(v) for v in again] == [strip(v) for v in lines]

@@ -21,6 +21,11 @@ The chosen noise parameters of every input are saved beside the results log in
 ``<results>.noise/<dataset index>.safetensors`` (:meth:`~smoothcert.noise.Noise.parameters`, with the noise
 kind in the metadata), so every certificate can be checked later; a resumed run checks they are there.
 
+**Resume.** ``<results>.memory`` (:class:`~smoothcert.memory.CertificationMemory`) is saved as the run goes. The
+memory records an input just before the runner writes its row; after a crash in between, the input is
+processed again and its recomputed certificate must agree with the recorded decision (same prediction, same
+region), else a ValueError - a resumed run needs a reproducible computation (same device and settings).
+
 **Fall-back.** When the base classifier gives no gradient (it is not differentiable), or an input's optimization
 produces a non-finite value, that input is certified with the isotropic noise at ``--sigma`` (Cohen's
 certificate, sound for any input) and its row says so in the ``fallback`` column; never a silently wrong noise.
@@ -426,6 +431,30 @@ class DataDependentMethod(CertifyMethod):
         return {**self.config(), "seed": ctx.seed, "n0": ctx.n0, "n": ctx.n, "alpha": ctx.alpha,
                 "dtype": str(ctx.dtype), "num_classes": ctx.num_classes}
 
+    @staticmethod
+    def _same_decision(record, region, cert) -> bool:
+        """Does a recomputed certificate agree with the memory's record of the same input (resume after a crash)?
+
+        Same prediction; for a kept region the same ellipsoid (axes and basis to 1e-9, relative); for a shrunk
+        one, the recorded ball inside the new region. Anything else is refused: the memory must hold exactly
+        the regions that the log reports.
+        """
+        if record.prediction != cert.prediction:
+            return False
+        if record.action == "abstained" or cert.region is None:
+            return record.action == "abstained" or cert.prediction < 0
+        if record.action == "shrunk":
+            return record.radius <= cert.region.inscribed_radius
+        if region is None or region.axes.shape != cert.region.axes.shape:
+            return False
+        new_axes = cert.region.axes.to(region.axes.device)
+        if not torch.allclose(region.axes, new_axes, rtol=1e-9, atol=0.0):
+            return False
+        old_basis, new_basis = getattr(region, "basis", None), getattr(cert.region, "basis", None)
+        if (old_basis is None) != (new_basis is None):
+            return False
+        return old_basis is None or torch.allclose(old_basis, new_basis.to(old_basis.device), rtol=0.0, atol=1e-12)
+
     def _saved_by_this_method(self, index: int) -> bool:
         from safetensors import safe_open
 
@@ -464,14 +493,11 @@ class DataDependentMethod(CertifyMethod):
                 raise ValueError(f"the saved memory holds records of inputs after the log's last row, but not of "
                                  f"index {index}: the run's order changed; use another output path")
             record, region = self._replay.pop(index)
-            same = record.prediction == cert.prediction and (
-                record.action != "kept" or (region is not None and cert.region is not None and
-                                            torch.allclose(region.axes, cert.region.axes.to(region.axes.device),
-                                                           rtol=1e-9, atol=0.0)))
-            if not same:
+            if not self._same_decision(record, region, cert):
                 raise ValueError(f"index {index} was recorded in the memory with prediction {record.prediction} "
-                                 f"({record.action}) but now certifies {cert.prediction}: the computation is not "
-                                 "reproducible on this machine; use another output path")
+                                 f"({record.action}, radius {record.radius}) but now certifies {cert.prediction} "
+                                 f"with radius {cert.radius}: the computation is not reproducible here (another "
+                                 "device or thread count?); resume where the run started, or use another output path")
             return record.action, region, record.radius
         return self.memory.check(index, center, cert.prediction, cert.region)
 
