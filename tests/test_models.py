@@ -267,7 +267,7 @@ def test_registered_wrappers_are_rebuilt_from_the_config(tmp_path):
         assert config["wrappers"] == [{"kind": "test-affine", "dim": 2}] and isinstance(loaded, _Affine)
         x = torch.rand(6, 2)
         assert torch.equal(loaded(x), model(x))
-        with pytest.raises(ValueError, match="unknown wrapper kind 'pca'"):
-            wrap_model(model, "pca")
+        with pytest.raises(ValueError, match="unknown wrapper kind 'no-such-kind'"):
+            wrap_model(model, "no-such-kind")
     finally:
         WRAPPERS.pop("test-affine")
