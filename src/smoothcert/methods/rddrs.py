@@ -18,7 +18,8 @@ so ``Exp_C(gamma C E C) = C^1/2 expm(gamma C^1/2 E C^1/2) C^1/2`` with ``E`` the
 symmetrized), ``dP/dC = P C^-1 / d`` and ``dK/dC = v v^T`` (``v`` the eigenvector of the smallest eigenvalue),
 so the Riemannian gradients of P and K are ``P C / d`` and ``lambda_min^2 v v^T`` as in the paper. After every
 step ``C`` is re-symmetrized and its eigenvalues are clipped to ``>= sigma*``. All matrix functions are
-eigen-decompositions of symmetric matrices in float64.
+eigen-decompositions of symmetric matrices in float64, computed in ``C``'s own eigenbasis (where ``C^1/2`` is
+diagonal): per step two eigen-decompositions and three matrix products of size d.
 
 Defaults: ``kappa = 1e-6``, ``gamma = 1``, 100 steps (seed 003 section 4), and ``--rddrs-samples 1000`` Monte
 Carlo samples per step for the gradient of ``G`` - the paper uses 20,000; fewer samples make each step ~20x
@@ -116,19 +117,21 @@ def optimize_rddrs(
         obj, (grad_c,) = objective_and_gradient(model, x, w, perturb, objective, [leaf], max_batch)
         history.append(obj)
         r = (obj / factor).double()  # R(C)
-        v_min = torch.gather(vectors, 2, low_index[:, None, None].expand(b, d, 1))
-        euclid = grad_c.double() + r[:, None, None] * (
-            (geo / d)[:, None, None] * _compose(vectors, 1.0 / values) + kappa * (v_min @ v_min.transpose(1, 2)))
-        euclid = _sym(euclid)
-        ok = finite & rows_finite(obj, euclid)
-        half = _compose(vectors, values.sqrt())
-        tangent = torch.where(ok[:, None, None], _sym(half @ (lr * euclid) @ half), torch.zeros_like(euclid))
-        mu, rot = torch.linalg.eigh(tangent)
-        step_exp = _compose(rot, mu.exp())
-        ok &= rows_finite(step_exp)
-        new_c = torch.where(ok[:, None, None], _sym(half @ step_exp @ half), c)
-        new_values, new_vectors = torch.linalg.eigh(new_c)
-        new_values = torch.maximum(new_values, floor[:, None])
+        # Everything below is written in C's eigenbasis Q (C = Q diag(values) Q^T), where C^1/2 is diagonal:
+        # C^1/2 E C^1/2 = diag(sqrt v) (Q^T dR Q) diag(sqrt v) (P + kappa K) + R (P / d) I + kappa R v_min e e^T,
+        # the tangent of eq. 6's Exp_C(lr C E C); the new C is diag(sqrt v) expm(lr ...) diag(sqrt v) there.
+        roots = values.sqrt()
+        local = _sym(vectors.transpose(1, 2) @ _sym(grad_c.double()) @ vectors) * roots[:, :, None] * roots[:, None, :]
+        local = local + torch.diag_embed((r * geo / d)[:, None].expand(b, d))
+        local[torch.arange(b), low_index, low_index] += kappa * r * low
+        ok = finite & rows_finite(obj, local)
+        mu, rot = torch.linalg.eigh(torch.where(ok[:, None, None], lr * local, torch.zeros_like(local)))
+        scaled = rot * roots[:, :, None]  # diag(sqrt v) R
+        new_local = _sym((scaled * mu.exp()[:, None, :]) @ scaled.transpose(1, 2))
+        ok &= rows_finite(new_local)
+        new_values, turn = torch.linalg.eigh(torch.where(ok[:, None, None], new_local, torch.diag_embed(values)))
+        new_values = torch.maximum(new_values, floor[:, None])  # eigenvalues >= sigma*
+        new_vectors = vectors @ turn
         ok &= rows_finite(new_values, new_vectors)
         values = torch.where(ok[:, None], new_values, values)
         vectors = torch.where(ok[:, None, None], new_vectors, vectors)
