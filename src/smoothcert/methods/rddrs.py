@@ -19,7 +19,7 @@ symmetrized), ``dP/dC = P C^-1 / d`` and ``dK/dC = v v^T`` (``v`` the eigenvecto
 so the Riemannian gradients of P and K are ``P C / d`` and ``lambda_min^2 v v^T`` as in the paper. After every
 step ``C`` is re-symmetrized and its eigenvalues are clipped to ``>= sigma*``. All matrix functions are
 eigen-decompositions of symmetric matrices in float64, computed in ``C``'s own eigenbasis (where ``C^1/2`` is
-diagonal): per step two eigen-decompositions and three matrix products of size d.
+diagonal): per step two eigen-decompositions and five products of d x d matrices.
 
 Defaults: ``kappa = 1e-6``, ``gamma = 1``, 100 steps (seed 003 section 4), and ``--rddrs-samples 1000`` Monte
 Carlo samples per step for the gradient of ``G`` - the paper uses 20,000; fewer samples make each step ~20x
