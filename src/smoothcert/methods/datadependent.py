@@ -354,7 +354,7 @@ class DataDependentMethod(CertifyMethod):
         try:
             choices = self.choose(ctx, x, indices)
         except NotDifferentiable as e:
-            choices = self.fallback_choices(x.shape[0], f"not-differentiable: {e}".replace("\t", " "))
+            choices = self.fallback_choices(x.shape[0], "not-differentiable: " + " ".join(str(e).split()))
         noises = [c.noise for c in choices]
         certs = certify(ctx.model, x, noises, ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
                         batch_size=ctx.batch_size, block=ctx.block, generators=ctx.certify_generators(indices),
