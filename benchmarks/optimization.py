@@ -8,7 +8,7 @@ and MNIST test digits:
      differentiation (time ratio, and the largest difference of the two Hessians);
   3. RDDRS: seconds per step with 1,000 and with 20,000 Monte Carlo samples (the paper's setting).
 
-    python benchmarks/optimization.py [--checkpoint PATH] [--batch 32] [--steps 5] [--device cpu]
+    python benchmarks/optimization.py [--checkpoint PATH] [--batch 32] [--steps 5] [--device cpu] [--threads 1]
 """
 
 from __future__ import annotations
@@ -59,7 +59,11 @@ def main() -> None:
     p.add_argument("--rddrs-samples", type=int, default=1000, help="RDDRS samples per step (default 1000)")
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's; 1 gives stable timings on a shared machine)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.checkpoint:

@@ -15,7 +15,7 @@ from smoothcert.methods.datadependent import DataDependentMethod, mean_probs, ob
 from smoothcert.methods.rddrs import RDDRS, optimize_rddrs, spd_exp
 from smoothcert.noise import FullGaussian
 
-from test_ancer import assert_sound, linear_problem, soundness_violations
+from test_ancer import assert_sound, soundness_violations
 from test_dds import Ellipse, gens
 
 F64 = torch.float64
