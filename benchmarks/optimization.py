@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=100, help="noise samples per input and step (default 100)")
     p.add_argument("--rddrs-batch", type=int, default=8, help="inputs optimized at once by RDDRS (default 8)")
     p.add_argument("--rddrs-samples", type=int, default=1000, help="RDDRS samples per step (default 1000)")
+    p.add_argument("--max-batch", type=int, default=1000,
+                   help="noisy inputs per forward pass, as --opt-batch-size / --batch-size (default 1000)")
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None,
@@ -76,9 +78,9 @@ def main() -> None:
     data = load_dataset("mnist", "test")
     x = torch.stack([data[i][0] for i in range(args.batch)]).to(device)
     gens = lambda idx, s: [input_generator(0, i, s, device) for i in idx]  # noqa: E731
-    kw = dict(steps=args.steps, samples=args.samples)
+    kw = dict(steps=args.steps, samples=args.samples, max_batch=args.max_batch)
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, steps {args.steps}, "
-          f"samples {args.samples}, model {type(model).__name__}")
+          f"samples {args.samples}, max batch {args.max_batch}, model {type(model).__name__}")
 
     basis_cache: dict = {}
 

@@ -20,7 +20,7 @@ def proxy_estimate(model, x, theta, classes, family="gaussian", n=20000):
     """gap(p_A) * geomean(theta) from many samples of an evaluation stream."""
     w = standard_draws(gens("evaluate", x.shape[0], seed=99), n, tuple(x.shape[1:]), family)
     th = theta.float()
-    p = mean_probs(model, x, w, lambda v: v * th[:, None, :])
+    p = mean_probs(model, x, w, lambda v, rows: v * th[rows, None, :])
     return objective_gap(p, classes, family) * torch.exp(torch.log(theta.double()).mean(1)).float()
 
 

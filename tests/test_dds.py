@@ -41,7 +41,7 @@ def radius_estimate(model, x, sigma, classes, n=20000):
     """sigma * Phi^-1(p_A) from many samples of an evaluation stream (not the optimization's)."""
     w = standard_draws(gens("evaluate", x.shape[0], seed=99), n, tuple(x.shape[1:]))
     s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1)
-    p = mean_probs(model, x, w, lambda v: v * s)
+    p = mean_probs(model, x, w, lambda v, rows: v * s[rows])
     return s.reshape(-1) * objective_gap(p, classes)
 
 
@@ -75,12 +75,14 @@ def test_batched_equals_one_at_a_time_and_chunking_does_not_change_gradients():
     # the two-pass, chunked gradient equals the one-pass gradient
     sigma = torch.tensor([0.1, 0.2, 0.3], requires_grad=True)
     w = standard_draws(gens("c", 3), 50, (2,))
-    perturb = lambda v: v * sigma[:, None, None]  # noqa: E731
-    objective = lambda p: sigma * objective_gap(p, torch.ones(3, dtype=torch.long))  # noqa: E731
+    perturb = lambda v, rows: v * sigma[rows, None, None]  # noqa: E731
+    objective = lambda p, rows: sigma[rows] * objective_gap(p, torch.ones(p.shape[0], dtype=torch.long))  # noqa: E731
     full = objective_and_gradient(model, x, w, perturb, objective, [sigma])
-    chunked = objective_and_gradient(model, x, w, perturb, objective, [sigma], max_batch=21)
-    assert torch.allclose(full[0], chunked[0], atol=1e-6)
-    assert torch.allclose(full[1][0], chunked[1][0], atol=1e-5)
+    for limit in (21, 100):  # sample chunks of one input (two passes); groups of two whole inputs
+        chunked = objective_and_gradient(model, x, w, perturb, objective, [sigma], max_batch=limit)
+        assert torch.allclose(full[0], chunked[0], atol=1e-6)
+        assert torch.allclose(full[1][0], chunked[1][0], atol=1e-5)
+        assert torch.allclose(mean_probs(model, x, w, perturb), mean_probs(model, x, w, perturb, limit), atol=1e-6)
 
 
 def test_gap_forms_use_probabilities():

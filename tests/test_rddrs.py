@@ -48,7 +48,8 @@ def test_gradient_of_G_is_the_papers_monte_carlo_formula():
     c = random_spd(2, torch.Generator().manual_seed(1), low=0.05).float() * 0.2
     leaf = c.clone()[None].requires_grad_(True)
     z = standard_draws(gens("g"), 500, (2,))
-    _, (grad,) = objective_and_gradient(model, x, z, lambda w: torch.bmm(w, leaf), lambda p: p[:, 1], [leaf])
+    _, (grad,) = objective_and_gradient(model, x, z, lambda w, rows: torch.bmm(w, leaf[rows]), lambda p, rows: p[:, 1],
+                                        [leaf])
     # the paper's estimator, sample by sample
     y = (x + z[0] @ c).requires_grad_(True)
     dfdy = torch.autograd.grad(torch.softmax(model(y), 1)[:, 1].sum(), y)[0]  # (S, 2)
@@ -94,7 +95,7 @@ def test_objective_rises_and_constraints_hold_at_every_step():
 
 def proxy(model, x, scale_rows, scales, classes, n=20000, seed=99):
     w = standard_draws(gens("evaluate", x.shape[0], seed=seed), n, (2,))
-    p = mean_probs(model, x, w, lambda v: torch.bmm(v, scale_rows))
+    p = mean_probs(model, x, w, lambda v, rows: torch.bmm(v, scale_rows[rows]))
     return float((objective_gap(p, classes) * torch.exp(torch.log(scales).mean(1)).float())[0])
 
 

@@ -29,8 +29,9 @@ import torch
 from ..noise import DiagonalGaussian
 from ..uniform import UniformDiagonal
 from .base import RunContext
-from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, expand_rows,
-                            mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
+                            classes_of, expand_rows, mean_probs, objective_and_gradient, objective_gap, rows_finite,
+                            standard_draws)
 
 __all__ = ["optimize_ancer", "ANCER", "anisotropic_objective"]
 
@@ -85,19 +86,18 @@ def optimize_ancer(
     optimizer = torch.optim.Adam([theta], lr=lr)
     finite = torch.ones(b, dtype=torch.bool, device=x.device)
     history = []
-    state = {"classes": classes}
+    slots = class_slots(classes, b, x.device)
 
-    def perturb(w: torch.Tensor) -> torch.Tensor:
-        m = w.shape[1]
-        scaled = w.reshape(b, m, d) * theta[:, None, :]
+    def perturb(w: torch.Tensor, rows: slice) -> torch.Tensor:
+        n, m = w.shape[:2]
+        scaled = w.reshape(n, m, d) * theta[rows, None, :]
         if rotation is not None:
-            scaled = torch.bmm(scaled, rotation)  # rows: (U diag(theta) w)^T
-        return scaled.reshape(b, m, *shape)
+            scaled = torch.bmm(scaled, rotation[rows])  # rows: (U diag(theta) w)^T
+        return scaled.reshape(n, m, *shape)
 
-    def objective(probs: torch.Tensor) -> torch.Tensor:
-        if state["classes"] is None:
-            state["classes"] = probs.detach().argmax(dim=1)
-        return anisotropic_objective(objective_gap(probs, state["classes"], family, gap), theta, kappa)
+    def objective(probs: torch.Tensor, rows: slice) -> torch.Tensor:
+        gaps = objective_gap(probs, classes_of(slots, probs, rows), family, gap)
+        return anisotropic_objective(gaps, theta[rows], kappa)
 
     for step in range(steps):
         w = standard_draws(generators, samples, shape, family, x.device)
@@ -111,11 +111,11 @@ def optimize_ancer(
             theta.copy_(torch.clamp(theta, min=low, max=high))
         if callback is not None:
             callback(step, theta.detach())
-    if state["classes"] is None:
+    if bool((slots < 0).any()):
         w = standard_draws(generators, samples, shape, family, x.device)
-        state["classes"] = mean_probs(model, x, w, perturb, max_batch).argmax(dim=1)
+        classes_of(slots, mean_probs(model, x, w, perturb, max_batch), slice(None))
     objective_history = torch.stack(history) if history else torch.empty((0, b), device=x.device)
-    return OptimizationResult(theta.detach(), state["classes"], objective_history, finite & rows_finite(theta))
+    return OptimizationResult(theta.detach(), slots, objective_history, finite & rows_finite(theta))
 
 
 class ANCER(DataDependentMethod):

@@ -51,7 +51,8 @@ from .base import CertifyMethod, RunContext, certificate_row
 
 __all__ = [
     "FAMILIES", "GAPS", "NotDifferentiable", "check_optimizer_arguments", "OptimizationResult", "standard_draws",
-    "objective_gap", "objective_and_gradient", "mean_probs", "DataDependentMethod", "Choice",
+    "objective_gap", "objective_and_gradient", "mean_probs", "class_slots", "classes_of", "DataDependentMethod",
+    "Choice",
 ]
 
 #: Noise families the optimizers reparameterize: ``eps = scale * w`` with ``w ~ N(0, 1)`` or ``U[-1, 1]``.
@@ -61,6 +62,12 @@ FAMILIES = ("gaussian", "uniform")
 GAPS = ("pa", "top2")
 #: Probabilities are clamped to this interval before the gap (seed 000 / ANCER public code).
 CLAMP = (0.001, 0.999)
+
+
+#: ``perturb(w_rows, rows)``: standard draws (n, m, ...) of the inputs ``rows`` -> their perturbations.
+Perturb = Callable[[torch.Tensor, slice], torch.Tensor]
+#: ``objective(mean_probs, rows)``: (n, K) averaged softmax of the inputs ``rows`` -> their objectives (n,).
+Objective = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
 class NotDifferentiable(RuntimeError):
@@ -161,44 +168,82 @@ def _grads(output: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.T
 
 
 def objective_and_gradient(
-    model: Callable, x: torch.Tensor, w: torch.Tensor,
-    perturb: Callable[[torch.Tensor], torch.Tensor],
-    objective: Callable[[torch.Tensor], torch.Tensor],
+    model: Callable, x: torch.Tensor, w: torch.Tensor, perturb: Perturb, objective: Objective,
     params: Sequence[torch.Tensor], max_batch: int | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per-input objective ``objective(mean_s softmax(f(x + perturb(w_s))))`` (B,) and the gradient of its sum.
 
-    ``w`` (B, S, ...) are the standard draws; ``perturb(w_chunk)`` maps them to perturbations (B, m, *shape)
-    through the parameters ``params``. At most ``max_batch`` noisy inputs go through the model at once: when
-    ``B * S`` exceeds it, a first pass computes the mean probabilities without a graph and a second pass
-    back-propagates ``d objective / d mean`` chunk by chunk (the same gradient, bounded memory). Inputs are
-    independent, so the gradient of the sum holds each input's own gradient.
+    ``w`` (B, S, ...) are the standard draws; ``perturb(w_rows, rows)`` maps the draws of the inputs ``rows``
+    (a slice) to perturbations (n, m, *shape) through the parameters ``params``; ``objective(mean, rows)``
+    gives those inputs' objectives. At most ``max_batch`` noisy inputs go through the model at once: groups of
+    whole inputs (one tensor program per group, ``max_batch // S`` inputs), and when one input's ``S`` samples
+    exceed it, a first pass computes its mean probabilities without a graph and a second pass back-propagates
+    ``d objective / d mean`` chunk by chunk (the same gradient, bounded memory). Inputs are independent, so
+    the gradient of the sum holds each input's own gradient.
     """
     b, s = w.shape[:2]
-    chunk = s if max_batch is None else max(1, min(s, max_batch // b))
+    group, chunk = _plan(b, s, max_batch)
+    grads = [torch.zeros_like(p) for p in params]
+    values = []
     with torch.enable_grad():
-        if chunk >= s:
-            obj = objective(_differentiable(_prob_sum(model, x, perturb(w))) / s)
-            return obj.detach(), _grads(obj.sum(), params)
-        mean = mean_probs(model, x, w, perturb, max_batch).requires_grad_(True)
-        obj = objective(mean)
-        direct = torch.autograd.grad(obj.sum(), [mean, *params], allow_unused=True)
-        upstream = direct[0]
-        grads = [torch.zeros_like(p) if g is None else g.clone() for p, g in zip(params, direct[1:])]
-        for i in range(0, s, chunk):
-            part = _differentiable(_prob_sum(model, x, perturb(w[:, i : i + chunk])))
-            for acc, g in zip(grads, _grads((part * upstream).sum() / s, params)):
+        for r in range(0, b, group):
+            rows = slice(r, min(b, r + group))
+            if chunk >= s:
+                obj = objective(_differentiable(_prob_sum(model, x[rows], perturb(w[rows], rows))) / s, rows)
+                parts = _grads(obj.sum(), params)
+            else:
+                mean = mean_probs(model, x[rows], w[rows], lambda v, _: perturb(v, rows), max_batch)
+                obj = objective(mean.requires_grad_(True), rows)
+                direct = torch.autograd.grad(obj.sum(), [mean, *params], allow_unused=True)
+                parts = [torch.zeros_like(p) if g is None else g for p, g in zip(params, direct[1:])]
+                for i in range(0, s, chunk):
+                    probs = _differentiable(_prob_sum(model, x[rows], perturb(w[rows, i : i + chunk], rows)))
+                    for acc, g in zip(parts, _grads((probs * direct[0]).sum() / s, params)):
+                        acc.add_(g)
+            for acc, g in zip(grads, parts):
                 acc.add_(g)
-    return obj.detach(), grads
+            values.append(obj.detach())
+    return torch.cat(values), grads
 
 
-def mean_probs(model: Callable, x: torch.Tensor, w: torch.Tensor, perturb: Callable[[torch.Tensor], torch.Tensor],
+def _plan(b: int, s: int, max_batch: int | None) -> tuple[int, int]:
+    """(inputs per group, samples per chunk): whole inputs while they fit in ``max_batch``, else sample chunks."""
+    limit = b * s if max_batch is None else max(1, int(max_batch))
+    if s <= limit:
+        return max(1, min(b, limit // s)), s
+    return 1, limit
+
+
+def mean_probs(model: Callable, x: torch.Tensor, w: torch.Tensor, perturb: Perturb,
                max_batch: int | None = None) -> torch.Tensor:
-    """``mean_s softmax(f(x + perturb(w_s)))`` (B, K) without a graph, at most ``max_batch`` inputs per pass."""
+    """``mean_s softmax(f(x + perturb(w_s)))`` (B, K) without a graph, at most ``max_batch`` noisy inputs a pass."""
     b, s = w.shape[:2]
-    chunk = s if max_batch is None else max(1, min(s, max_batch // b))
+    group, chunk = _plan(b, s, max_batch)
+    out = []
     with torch.no_grad():
-        return sum(_prob_sum(model, x, perturb(w[:, i : i + chunk])) for i in range(0, s, chunk)) / s
+        for r in range(0, b, group):
+            rows = slice(r, min(b, r + group))
+            out.append(sum(_prob_sum(model, x[rows], perturb(w[rows, i : i + chunk], rows))
+                           for i in range(0, s, chunk)) / s)
+    return torch.cat(out)
+
+
+def class_slots(classes: torch.Tensor | None, b: int, device: torch.device) -> torch.Tensor:
+    """The classes ``c_A`` per input as a (B,) long tensor; -1 where still to be chosen (:func:`classes_of`)."""
+    if classes is None:
+        return torch.full((b,), -1, dtype=torch.long, device=device)
+    out = torch.as_tensor(classes, dtype=torch.long, device=device).reshape(-1).clone()
+    if out.numel() != b:
+        raise ValueError(f"got {out.numel()} classes for {b} inputs")
+    return out
+
+
+def classes_of(slots: torch.Tensor, probs: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The classes of ``rows``, fixing unchosen ones to the top class of ``probs`` (the start, seed 000 eq. 3.6)."""
+    part = slots[rows]
+    if bool((part < 0).any()):
+        slots[rows] = torch.where(part < 0, probs.detach().argmax(dim=1), part)
+    return slots[rows]
 
 
 def rows_finite(*tensors: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,9 @@ import torch
 from ..noise import IsotropicGaussian
 from ..uniform import UniformDiagonal
 from .base import RunContext
-from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, mean_probs,
-                            objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
+                            classes_of, mean_probs, objective_and_gradient, objective_gap, rows_finite,
+                            standard_draws)
 
 __all__ = ["optimize_dds", "DDS"]
 
@@ -62,15 +63,13 @@ def optimize_dds(
     scale.requires_grad_(True)
     finite = torch.ones(b, dtype=torch.bool, device=x.device)
     history = []
-    state = {"classes": classes}
+    slots = class_slots(classes, b, x.device)
 
-    def perturb(w: torch.Tensor) -> torch.Tensor:
-        return w * scale.view(b, *([1] * (w.ndim - 1)))
+    def perturb(w: torch.Tensor, rows: slice) -> torch.Tensor:
+        return w * scale[rows].view(-1, *([1] * (w.ndim - 1)))
 
-    def objective(probs: torch.Tensor) -> torch.Tensor:
-        if state["classes"] is None:
-            state["classes"] = probs.detach().argmax(dim=1)
-        return scale * objective_gap(probs, state["classes"], family, gap)
+    def objective(probs: torch.Tensor, rows: slice) -> torch.Tensor:
+        return scale[rows] * objective_gap(probs, classes_of(slots, probs, rows), family, gap)
 
     for step in range(steps):
         w = standard_draws(generators, samples, shape, family, x.device)
@@ -82,11 +81,11 @@ def optimize_dds(
             scale.copy_(torch.maximum(scale, floor))
         if callback is not None:
             callback(step, scale.detach())
-    if state["classes"] is None:  # no step: the classes from one evaluation at the start
+    if bool((slots < 0).any()):  # no step: the classes from one evaluation at the start
         w = standard_draws(generators, samples, shape, family, x.device)
-        state["classes"] = mean_probs(model, x, w, perturb, max_batch).argmax(dim=1)
+        classes_of(slots, mean_probs(model, x, w, perturb, max_batch), slice(None))
     objective_history = torch.stack(history) if history else torch.empty((0, b), device=x.device)
-    return OptimizationResult(scale.detach(), state["classes"], objective_history, finite & rows_finite(scale))
+    return OptimizationResult(scale.detach(), slots, objective_history, finite & rows_finite(scale))
 
 
 class DDS(DataDependentMethod):

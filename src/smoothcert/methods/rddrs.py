@@ -37,8 +37,9 @@ import torch
 
 from ..noise import FullGaussian
 from .base import RunContext
-from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, mean_probs,
-                            objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
+                            classes_of, mean_probs, objective_and_gradient, objective_gap, rows_finite,
+                            standard_draws)
 
 __all__ = ["optimize_rddrs", "spd_exp", "RDDRS"]
 
@@ -96,7 +97,7 @@ def optimize_rddrs(
     c = _compose(vectors, values)
     finite = torch.ones(b, dtype=torch.bool, device=x.device)
     history = []
-    state: dict[str, Any] = {"classes": classes}
+    slots = class_slots(classes, b, x.device)
 
     for step in range(steps):
         leaf = c.float().requires_grad_(True)
@@ -104,14 +105,12 @@ def optimize_rddrs(
         low, low_index = values.min(dim=1)  # K(C)
         factor = (geo + kappa * low).float()
 
-        def perturb(w: torch.Tensor) -> torch.Tensor:
-            m = w.shape[1]
-            return torch.bmm(w.reshape(b, m, d), leaf).reshape(b, m, *shape)  # rows (C w)^T, C symmetric
+        def perturb(w: torch.Tensor, rows: slice) -> torch.Tensor:
+            n, m = w.shape[:2]
+            return torch.bmm(w.reshape(n, m, d), leaf[rows]).reshape(n, m, *shape)  # rows (C w)^T, C symmetric
 
-        def objective(probs: torch.Tensor) -> torch.Tensor:
-            if state["classes"] is None:
-                state["classes"] = probs.detach().argmax(dim=1)
-            return objective_gap(probs, state["classes"], "gaussian", gap) * factor
+        def objective(probs: torch.Tensor, rows: slice) -> torch.Tensor:
+            return objective_gap(probs, classes_of(slots, probs, rows), "gaussian", gap) * factor[rows]
 
         w = standard_draws(generators, samples, shape, "gaussian", x.device)
         obj, (grad_c,) = objective_and_gradient(model, x, w, perturb, objective, [leaf], max_batch)
@@ -139,13 +138,13 @@ def optimize_rddrs(
         finite = ok
         if callback is not None:
             callback(step, c)
-    if state["classes"] is None:
+    if bool((slots < 0).any()):
         w = standard_draws(generators, samples, shape, "gaussian", x.device)
         leaf = c.float()
-        state["classes"] = mean_probs(model, x, w, lambda v: torch.bmm(v.reshape(b, v.shape[1], d), leaf)
-                                      .reshape(b, v.shape[1], *shape), max_batch).argmax(dim=1)
+        classes_of(slots, mean_probs(model, x, w, lambda v, rows: torch.bmm(v.reshape(*v.shape[:2], d), leaf[rows])
+                                     .reshape(*v.shape[:2], *shape), max_batch), slice(None))
     objective_history = torch.stack(history) if history else torch.empty((0, b), device=x.device)
-    return OptimizationResult(c, state["classes"], objective_history, finite)
+    return OptimizationResult(c, slots, objective_history, finite)
 
 
 class RDDRS(DataDependentMethod):
