@@ -107,3 +107,16 @@ def test_predict_writes_cohen_columns(checkpoint, tmp_path):
     rows = [r.split("\t") for r in out.read_text().splitlines()]
     assert rows[0] == ["idx", "label", "predict", "correct", "time"] and len(rows) == 21
     assert sum(int(r[3]) for r in rows[1:]) >= 12  # a trained toy model is mostly right
+
+
+def test_compiled_model_gives_a_valid_run_and_is_refused_for_gradient_methods(checkpoint, tmp_path, capsys):
+    out = tmp_path / "c.tsv"
+    args = certify_args(checkpoint, out, max=4)
+    assert main(args + ["--compile"]) == 0
+    assert json.loads((tmp_path / "c.tsv.json").read_text())["compile"] is True
+    plain = tmp_path / "p.tsv"
+    assert main(certify_args(checkpoint, plain, max=4)) == 0
+    assert [r[:3] for r in without_time(out)] == [r[:3] for r in without_time(plain)]
+    capsys.readouterr()
+    assert main(certify_args(checkpoint, tmp_path / "d.tsv", max=4) + ["--compile", "--method", "dds"]) == 2
+    assert "differentiates through the model" in capsys.readouterr().err

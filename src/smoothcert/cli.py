@@ -80,7 +80,14 @@ def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
     p.add_argument("--skip", type=int, default=1, help="certify every SKIP-th input of the split (default 1)")
     p.add_argument("--max", type=int, default=None, help="stop before this dataset index")
     p.add_argument("--device", default="auto", help="auto (accelerator if any, else cpu), cpu, cuda:0, ...")
+    p.add_argument("--compile", action="store_true",
+                   help="run the base classifier through torch.compile (faster sampling after a warm-up; "
+                        "fixed, first-order and predict only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+#: Methods that only sample the base classifier (no gradients through it), so it may be compiled.
+COMPILABLE = ("fixed", "first-order")
 
 
 def _setup(args):
@@ -88,6 +95,11 @@ def _setup(args):
 
     device = resolve_device(args.device)
     model, config, fingerprint = load_base_classifier(args.checkpoint, device)
+    if args.compile:
+        if getattr(args, "method", "fixed") not in COMPILABLE:
+            raise ValueError(f"--compile is for methods that only sample ({', '.join(COMPILABLE)}) and predict; "
+                             f"--method {args.method} differentiates through the model")
+        model = torch.compile(model)
     dataset = load_dataset(args.dataset or config.get("dataset"), args.split, root=args.data_root)
     if args.sigma is None:
         if config.get("sigma") is None:
@@ -105,7 +117,7 @@ def _setup(args):
     run = {"dataset": dataset.name, "split": dataset.split, "skip": args.skip, "max": args.max,
            "checkpoints": fingerprint, "num_classes": num_classes, "n": args.n, "alpha": args.alpha,
            "batch_size": args.batch_size, "inputs_per_batch": args.inputs_per_batch, "dtype": args.dtype,
-           "seed": args.seed, "indices": f"range(0, {indices[-1] + 1 if indices else 0}, {args.skip})",
+           "seed": args.seed, "compile": args.compile, "indices": f"range(0, {indices[-1] + 1 if indices else 0}, {args.skip})",
            "count": len(indices)}
     return device, model, num_classes, dataset, indices, inputs, run
 
