@@ -174,7 +174,7 @@ class Consistency(Objective):
         return (ce + reg).mean(), torch.log(p_hat.clamp_min(1e-20)).detach()
 
 
-class GeneralizedConsistency(Objective):
+class GeneralizedConsistency(Consistency):
     """Generalized consistency (seed 002 section 4.1): a loose accuracy term and a restricted consistency term.
 
     - Accuracy (eq. 4.3): the prediction is ``F(E[f(x + sigma w)])``, softmax of the *averaged logits*, so the
@@ -191,14 +191,6 @@ class GeneralizedConsistency(Objective):
     """
 
     name = "generalized-consistency"
-
-    def __init__(self, m: int = 2, lbd: float = 10.0, eta: float = 0.5):
-        self.num_noise = _count("m (noisy copies per input)", m)
-        self.lbd = _nonnegative("lbd (weight of the KL consistency term)", lbd)
-        self.eta = _nonnegative("eta (weight of the entropy term)", eta)
-
-    def hyperparameters(self):
-        return {"m": self.num_noise, "lbd": self.lbd, "eta": self.eta}
 
     def loss(self, model, x, y, sigma, *, generator=None, noise=None):
         w = self._noise(x, generator, noise)
