@@ -98,6 +98,8 @@ def main():
     ap.add_argument("--sigma", type=float, default=0.25)
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd model")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved raw/certify rounds per ratio")
+    ap.add_argument("--ratios-only", action="store_true", help="only the certify / raw forward table")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.checkpoint:
@@ -115,9 +117,16 @@ def main():
     print("|---|---:|---:|---:|---:|")
     for dtype in (torch.float32, torch.bfloat16):
         for batch in (400, 1000):
-            raw = raw_forward(model, xs[0], args.sigma, batch, dtype)
-            rate, _ = smoothcert_rate(model, xs, args.sigma, 100, args.n, batch, dtype)
-            print(f"| {str(dtype).split('.')[-1]} | {batch} | {raw:,.0f} | {rate:,.0f} | {rate / raw:.3f} |")
+            # interleaved rounds, so a change in the machine's load hits both measurements alike
+            raws, rates = [], []
+            for _ in range(args.rounds):
+                raws.append(raw_forward(model, xs[0], args.sigma, batch, dtype, seconds=1.0))
+                rates.append(smoothcert_rate(model, xs[:1], args.sigma, 100, args.n // 10, batch, dtype)[0])
+            raw, rate = float(np.mean(raws)), float(np.mean(rates))
+            print(f"| {str(dtype).split('.')[-1]} | {batch} | {raw:,.0f} | {rate:,.0f} | {rate / raw:.3f} |",
+                  flush=True)
+    if args.ratios_only:
+        return
 
     classic = classic_seconds_per_input(model, xs, args.sigma, 100, args.n)
     print(f"\nclassic reference loop (batch 400, float32): {classic:.2f} s per input at n = {args.n:,}\n")
