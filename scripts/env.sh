@@ -7,5 +7,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
-  | grep -v "is ignored: it is neither a file nor a directory" || true
-.venv/bin/python -c "import smoothcert, torch" || { echo "installation failed" >&2; exit 1; }
+  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+.venv/bin/python -c "import smoothcert, torch, statsmodels" || { echo "installation failed" >&2; exit 1; }
