@@ -152,3 +152,32 @@ def test_certify_matches_cohen_formula_from_counts():
     assert c.p_lower == pytest.approx(p, rel=1e-12)
     assert c.radius == pytest.approx(0.4 * st.norm.ppf(p), rel=1e-12)
     assert np.isclose(c.gap, st.norm.ppf(p))
+
+
+def test_a_model_with_a_pca_first_layer_stays_sound():
+    """Linear classifier behind a PCA projection: the composition is linear with weight P w, so its exact
+    smoothed radius is the distance to that boundary; certificates exceed it no more often than alpha allows."""
+    from smoothcert.pca import add_pca, fit_pca
+
+    g = torch.Generator().manual_seed(5)
+    d, trials, alpha, sigma = 8, 300, 0.05, 0.3
+    # training data with three strong directions: PCA keeps those, P projects the rest away
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0][:, :3].float()
+    data = 0.5 + (torch.randn(2000, 3, generator=g) * 0.2) @ basis.T + 0.01 * torch.randn(2000, d, generator=g)
+    projection = fit_pca(data, sigma, fraction=0.2)
+    assert projection.num_components == 3
+    w = torch.randn(d, generator=g)
+    model = add_pca(Linear2(w, 0.0), projection)
+    p = projection.matrix().double()
+    mu = projection.mean.double()
+    w_eff = p @ w.double()
+    b_eff = float(w.double() @ (mu - p @ mu))
+    x = torch.rand(trials, d, generator=g)
+    margin = x.double() @ w_eff + b_eff
+    exact, label = margin.abs() / w_eff.norm(), (margin > 0).long()
+    gens = [(input_generator(4, i, "select"), input_generator(4, i, "estimate")) for i in range(trials)]
+    certs = certify(model, x, IsotropicGaussian(sigma), 2, 50, 500, alpha, batch_size=5000, generators=gens)
+    failures = sum(1 for c, r, y in zip(certs, exact.tolist(), label.tolist())
+                   if not c.abstained and (c.prediction != y or c.radius > r))
+    assert sum(not c.abstained for c in certs) > trials / 3
+    assert failures <= st.binom.ppf(1 - 1e-6, trials, alpha)
