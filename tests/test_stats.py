@@ -6,26 +6,17 @@ from statsmodels.stats.proportion import proportion_confint
 from smoothcert.stats import binomial_pvalue, clopper_pearson_lower, clopper_pearson_upper, gap, max_certifiable_gap
 
 
-def test_lower_bound_matches_statsmodels_exactly():
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("side,bound,edge", [(0, clopper_pearson_lower, 0.0), (1, clopper_pearson_upper, 1.0)])
+def test_bounds_match_statsmodels_exactly(side, bound, edge):
+    """One-sided bound at alpha = one side of statsmodels' two-sided interval at 2 alpha (NaN there at k = 0 or n)."""
+    rng = np.random.default_rng(side)
     for _ in range(400):
         n = int(rng.integers(1, 200_000))
         k = int(rng.integers(0, n + 1))
         alpha = float(10 ** rng.uniform(-6, -0.5))
-        expected = proportion_confint(k, n, alpha=2 * alpha, method="beta")[0]
-        expected = 0.0 if np.isnan(expected) else expected
-        assert abs(clopper_pearson_lower(k, n, alpha) - expected) <= 1e-12
-
-
-def test_upper_bound_matches_statsmodels_exactly():
-    rng = np.random.default_rng(1)
-    for _ in range(400):
-        n = int(rng.integers(1, 200_000))
-        k = int(rng.integers(0, n + 1))
-        alpha = float(10 ** rng.uniform(-6, -0.5))
-        expected = proportion_confint(k, n, alpha=2 * alpha, method="beta")[1]
-        expected = 1.0 if np.isnan(expected) else expected
-        assert abs(clopper_pearson_upper(k, n, alpha) - expected) <= 1e-12
+        expected = proportion_confint(k, n, alpha=2 * alpha, method="beta")[side]
+        expected = edge if np.isnan(expected) else expected
+        assert abs(bound(k, n, alpha) - expected) <= 1e-12
 
 
 def test_edge_counts_and_vectorized():
