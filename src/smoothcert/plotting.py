@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .methods import CertifyMethod, FixedSigma, RunContext
+from .evaluation import save_figure
 from .regions import Ball, Ellipsoid, Region
 from .smooth import certify
 
@@ -98,9 +99,4 @@ def plot_regions(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Ten
     ax.set_aspect("equal")
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"certified regions, n = {n:,}, alpha = {alpha}")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
