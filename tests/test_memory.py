@@ -3,7 +3,6 @@ resumable files."""
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -172,9 +171,7 @@ def test_prefilter_sends_only_nearby_regions_to_the_exact_test(monkeypatch):
     monkeypatch.setattr(memory_module, "intersects_each", lambda r, rs: seen.append(len(rs)) or original(r, rs))
     center = torch.zeros(d, dtype=F64)
     center[7] = 80.5
-    start = time.perf_counter()
     action, _, radius = mem.check(300, center, 3, Ellipsoid(center, torch.full((d,), 0.5, dtype=F64)))
-    assert time.perf_counter() - start < 5.0
     assert seen == [1] and action == SHRUNK and 0 < radius < 0.5
 
 

@@ -75,7 +75,7 @@ def test_l1_region_is_exact_along_an_axis_and_sound_inside():
 
 def test_l1_region_is_sound_for_an_oblique_linear_classifier_by_monte_carlo():
     """w . x > b with unequal half-widths: p at every vertex of the region stays >= 1/2 (Monte Carlo)."""
-    d, n = 3, 200_000
+    n = 200_000
     w = torch.tensor([1.0, -0.7, 0.4])
     b = 0.1
     lam = torch.tensor([0.3, 0.5, 0.2], dtype=F64)

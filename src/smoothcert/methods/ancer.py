@@ -30,8 +30,8 @@ from ..noise import DiagonalGaussian
 from ..uniform import UniformDiagonal
 from .base import RunContext
 from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
-                            classes_of, expand_rows, mean_probs, objective_and_gradient, objective_gap, rows_finite,
-                            standard_draws)
+                            finish_optimization, classes_of, expand_rows, mean_probs, objective_and_gradient,
+                            objective_gap, rows_finite, standard_draws)
 
 __all__ = ["optimize_ancer", "ANCER", "anisotropic_objective"]
 
@@ -111,11 +111,8 @@ def optimize_ancer(
             theta.copy_(torch.clamp(theta, min=low, max=high))
         if callback is not None:
             callback(step, theta.detach())
-    if bool((slots < 0).any()):
-        w = standard_draws(generators, samples, shape, family, x.device)
-        classes_of(slots, mean_probs(model, x, w, perturb, max_batch), slice(None))
-    objective_history = torch.stack(history) if history else torch.empty((0, b), device=x.device)
-    return OptimizationResult(theta.detach(), slots, objective_history, finite & rows_finite(theta))
+    return finish_optimization(theta, finite, history, slots, lambda: mean_probs(
+        model, x, standard_draws(generators, samples, shape, family, x.device), perturb, max_batch))
 
 
 class ANCER(DataDependentMethod):

@@ -252,6 +252,17 @@ def classes_of(slots: torch.Tensor, probs: torch.Tensor, rows: slice) -> torch.T
     return slots[rows]
 
 
+def finish_optimization(params: torch.Tensor, finite: torch.Tensor, history: list[torch.Tensor],
+                        slots: torch.Tensor, evaluate: Callable[[], torch.Tensor]) -> OptimizationResult:
+    """The end of every optimizer: inputs that took no step get their class from one evaluation at the start
+    (``evaluate()``: mean probabilities (B, K) at the initial parameters), and the history becomes (steps, B)."""
+    if bool((slots < 0).any()):
+        classes_of(slots, evaluate(), slice(None))
+    b = params.shape[0]
+    objective = torch.stack(history) if history else torch.empty((0, b), device=params.device)
+    return OptimizationResult(params.detach(), slots, objective, finite & rows_finite(params))
+
+
 def rows_finite(*tensors: torch.Tensor) -> torch.Tensor:
     """(B,) bool: every entry of row ``i`` of every tensor is finite."""
     out = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)

@@ -24,8 +24,8 @@ from ..noise import IsotropicGaussian
 from ..uniform import UniformDiagonal
 from .base import RunContext
 from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
-                            classes_of, mean_probs, objective_and_gradient, objective_gap, rows_finite,
-                            standard_draws)
+                            finish_optimization, classes_of, mean_probs, objective_and_gradient, objective_gap,
+                            rows_finite, standard_draws)
 
 __all__ = ["optimize_dds", "DDS"]
 
@@ -81,11 +81,8 @@ def optimize_dds(
             scale.copy_(torch.maximum(scale, floor))
         if callback is not None:
             callback(step, scale.detach())
-    if bool((slots < 0).any()):  # no step: the classes from one evaluation at the start
-        w = standard_draws(generators, samples, shape, family, x.device)
-        classes_of(slots, mean_probs(model, x, w, perturb, max_batch), slice(None))
-    objective_history = torch.stack(history) if history else torch.empty((0, b), device=x.device)
-    return OptimizationResult(scale.detach(), slots, objective_history, finite & rows_finite(scale))
+    return finish_optimization(scale, finite, history, slots, lambda: mean_probs(
+        model, x, standard_draws(generators, samples, shape, family, x.device), perturb, max_batch))
 
 
 class DDS(DataDependentMethod):

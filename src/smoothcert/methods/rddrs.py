@@ -38,8 +38,8 @@ import torch
 from ..noise import FullGaussian
 from .base import RunContext
 from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
-                            classes_of, mean_probs, objective_and_gradient, objective_gap, rows_finite,
-                            standard_draws)
+                            finish_optimization, classes_of, mean_probs, objective_and_gradient, objective_gap,
+                            rows_finite, standard_draws)
 
 __all__ = ["optimize_rddrs", "spd_exp", "RDDRS"]
 
@@ -138,13 +138,10 @@ def optimize_rddrs(
         finite = ok
         if callback is not None:
             callback(step, c)
-    if bool((slots < 0).any()):
-        w = standard_draws(generators, samples, shape, "gaussian", x.device)
-        leaf = c.float()
-        classes_of(slots, mean_probs(model, x, w, lambda v, rows: torch.bmm(v.reshape(*v.shape[:2], d), leaf[rows])
-                                     .reshape(*v.shape[:2], *shape), max_batch), slice(None))
-    objective_history = torch.stack(history) if history else torch.empty((0, b), device=x.device)
-    return OptimizationResult(c, slots, objective_history, finite)
+    scale = c.float()
+    return finish_optimization(c, finite, history, slots, lambda: mean_probs(
+        model, x, standard_draws(generators, samples, shape, "gaussian", x.device),
+        lambda v, rows: torch.bmm(v.reshape(*v.shape[:2], d), scale[rows]).reshape(*v.shape[:2], *shape), max_batch))
 
 
 class RDDRS(DataDependentMethod):
