@@ -28,7 +28,7 @@ import torch
 from smoothcert.data import load_dataset
 from smoothcert.hessian import hessian_basis, loss_hessian
 from smoothcert.methods.ancer import optimize_ancer
-from smoothcert.methods.datadependent import CPU_OPT_BATCH
+from smoothcert.methods.datadependent import cpu_pass_size
 from smoothcert.methods.dds import optimize_dds
 from smoothcert.methods.rddrs import optimize_rddrs
 from smoothcert.models import model_for_dataset
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--rddrs-samples", type=int, default=1000, help="RDDRS samples per step (default 1000)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="noisy inputs per forward and backward pass, as --opt-batch-size (default as certify: "
-                        f"{CPU_OPT_BATCH} on a CPU, 1000 on an accelerator)")
+                        "cpu_pass_size(input values) on a CPU, 1000 on an accelerator)")
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None,
@@ -83,7 +83,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    args.max_batch = args.max_batch or (CPU_OPT_BATCH if device.type == "cpu" else 1000)
     torch.manual_seed(0)
     if args.checkpoint:
         from smoothcert.checkpoint import load_checkpoint
@@ -94,6 +93,7 @@ def main() -> None:
     model = model.to(device).eval()
     data = load_dataset(args.dataset, "test")
     x = torch.stack([data[i][0] for i in range(args.batch)]).to(device)
+    args.max_batch = args.max_batch or (cpu_pass_size(x[0].numel()) if device.type == "cpu" else 1000)
     gens = lambda idx, s: [input_generator(0, i, s, device) for i in idx]  # noqa: E731
     kw = dict(steps=args.steps, samples=args.samples, max_batch=args.max_batch)
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, steps {args.steps}, "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from smoothcert.methods import RunContext
-from smoothcert.methods.datadependent import (CPU_OPT_BATCH, DataDependentMethod, mean_probs, objective_and_gradient,
+from smoothcert.methods.datadependent import (DataDependentMethod, cpu_pass_size, mean_probs, objective_and_gradient,
                                               objective_gap, standard_draws)
 from smoothcert.methods.dds import DDS, optimize_dds
 from smoothcert.noise import IsotropicGaussian
@@ -88,11 +88,13 @@ def test_batched_equals_one_at_a_time_and_chunking_does_not_change_gradients():
 def test_optimizer_pass_size_is_capped_on_a_cpu_and_honours_the_option():
     ctx = lambda batch, device: RunContext(Ellipse(), 2, 10, 100, 0.01, batch, torch.float32, 0,  # noqa: E731
                                            torch.device(device))
-    assert DDS(0.1).opt_batch(ctx(1000, "cpu")) == CPU_OPT_BATCH < 1000
-    assert DDS(0.1).opt_batch(ctx(100, "cpu")) == 100          # never above --batch-size
-    assert DDS(0.1, samples=600).opt_batch(ctx(1000, "cpu")) == 600   # one input's samples share a pass
-    assert DDS(0.1).opt_batch(ctx(1000, "cuda")) == 1000       # accelerators take the whole --batch-size
-    assert DDS(0.1, max_batch=64).opt_batch(ctx(1000, "cpu")) == 64
+    digits, pixels = torch.zeros(3, 1, 28, 28), torch.zeros(3, 2)
+    assert DDS(0.1).opt_batch(ctx(1000, "cpu"), digits) == cpu_pass_size(784) == 256
+    assert DDS(0.1).opt_batch(ctx(1000, "cpu"), pixels) == 1000        # small inputs: never above --batch-size
+    assert DDS(0.1).opt_batch(ctx(4000, "cpu"), torch.zeros(3, 3, 32, 32)) == 100   # one input's samples
+    assert DDS(0.1, samples=600).opt_batch(ctx(1000, "cpu"), digits) == 600
+    assert DDS(0.1).opt_batch(ctx(1000, "cuda"), digits) == 1000       # accelerators take the whole --batch-size
+    assert DDS(0.1, max_batch=64).opt_batch(ctx(1000, "cpu"), digits) == 64
 
 
 def test_gap_forms_use_probabilities():

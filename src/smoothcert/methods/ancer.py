@@ -140,7 +140,7 @@ class ANCER(DataDependentMethod):
         result = optimize_ancer(ctx.model, x, iso.params, generators=ctx.generators(indices, "optimize-ancer"),
                                 steps=self.steps, lr=self.lr, samples=self.samples, kappa=self.kappa,
                                 family=self.family, gap=self.gap, classes=iso.classes,
-                                max_batch=self.opt_batch(ctx))
+                                max_batch=self.opt_batch(ctx, x))
         return iso, result
 
     def make_noise(self, theta: torch.Tensor):

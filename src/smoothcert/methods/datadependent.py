@@ -167,10 +167,15 @@ def _grads(output: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.T
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
-#: On a CPU, a forward and backward pass over a few hundred noisy inputs keeps the activations in cache, while
-#: passes of 1,000 run up to 2x slower per sample (measured by benchmarks/optimization.py on the MNIST CNN): the
-#: optimizers' default pass size there (:meth:`DataDependentMethod.opt_batch`).
-CPU_OPT_BATCH = 256
+#: On a CPU, a forward and backward pass whose noisy inputs hold about 200,000 values (256 MNIST digits) keeps the
+#: activations in cache, while passes of 1,000 digits ran up to 2x slower per sample (benchmarks/optimization.py,
+#: MNIST CNN): the optimizers' default pass there (:meth:`DataDependentMethod.opt_batch`).
+CPU_PASS_VALUES = 256 * 784
+
+
+def cpu_pass_size(input_values: int) -> int:
+    """Noisy inputs per optimizer pass on a CPU for inputs of ``input_values`` values (at least 1)."""
+    return max(1, CPU_PASS_VALUES // max(1, input_values))
 
 
 def objective_and_gradient(
@@ -348,8 +353,8 @@ class DataDependentMethod(CertifyMethod):
         g.add_argument("--opt-samples", type=int, default=100,
                        help="noise samples per input and optimization step (default 100)")
         g.add_argument("--opt-batch-size", type=int, default=None,
-                       help="noisy inputs per forward and backward pass while optimizing (default: --batch-size "
-                            f"on an accelerator; on a CPU at most {CPU_OPT_BATCH} or one input's samples)")
+                       help="noisy inputs per forward and backward pass while optimizing (default: --batch-size on "
+                            f"an accelerator; on a CPU about {CPU_PASS_VALUES:,} input values, or one input's samples)")
         g.add_argument("--opt-gap", choices=GAPS, default="pa",
                        help="objective gap: pa = Phi^-1(p_A) as certified (default); top2 = the published "
                             "(Phi^-1(p_A) - Phi^-1(p_B)) / 2")
@@ -406,17 +411,17 @@ class DataDependentMethod(CertifyMethod):
 
         return optimize_dds(ctx.model, x, self.base_scale, generators=ctx.generators(indices, "optimize-dds"),
                             steps=self.dds_steps, lr=self.dds_lr, samples=self.samples, family=self.family,
-                            gap=self.gap, max_batch=self.opt_batch(ctx))
+                            gap=self.gap, max_batch=self.opt_batch(ctx, x))
 
-    def opt_batch(self, ctx: RunContext, samples: int | None = None) -> int:
-        """Noisy inputs per forward and backward pass of an optimizer: ``--opt-batch-size`` when given, else
-        ``--batch-size`` on an accelerator, and on a CPU at most :data:`CPU_OPT_BATCH` (or one input's
-        ``samples``, so that an input's samples still share one pass)."""
+    def opt_batch(self, ctx: RunContext, x: torch.Tensor, samples: int | None = None) -> int:
+        """Noisy inputs per forward and backward pass of an optimizer for the inputs ``x``: ``--opt-batch-size``
+        when given, else ``--batch-size`` on an accelerator, and on a CPU at most :func:`cpu_pass_size` (but one
+        input's ``samples`` always share a pass)."""
         if self.max_batch:
             return self.max_batch
         if ctx.device.type != "cpu":
             return ctx.batch_size
-        return min(ctx.batch_size, max(CPU_OPT_BATCH, samples or self.samples))
+        return min(ctx.batch_size, max(cpu_pass_size(x[0].numel()), samples or self.samples))
 
     def fallback_choices(self, b: int, reason: str) -> list[Choice]:
         return [Choice(self.base_noise(), {}, reason) for _ in range(b)]

@@ -95,7 +95,7 @@ class RANCER(ANCER):
         result = optimize_ancer(ctx.model, x, scale, generators=ctx.generators(indices, "optimize-rancer"),
                                 lower=scale * (1 - self.lambda1), upper=scale * (1 + self.lambda2), basis=basis,
                                 steps=self.steps, lr=self.lr, samples=self.samples, kappa=self.kappa,
-                                gap=self.gap, classes=iso.classes, max_batch=self.opt_batch(ctx))
+                                gap=self.gap, classes=iso.classes, max_batch=self.opt_batch(ctx, x))
         return result, basis, finite
 
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:

@@ -186,7 +186,7 @@ class RDDRS(DataDependentMethod):
         floor = torch.where(iso.finite, iso.params, torch.full_like(iso.params, self.sigma)).double()
         result = optimize_rddrs(ctx.model, x, floor, generators=ctx.generators(indices, "optimize-rddrs"),
                                 steps=self.steps, lr=self.lr, samples=self.rddrs_samples, kappa=self.kappa,
-                                gap=self.gap, classes=iso.classes, max_batch=self.opt_batch(ctx, self.rddrs_samples))
+                                gap=self.gap, classes=iso.classes, max_batch=self.opt_batch(ctx, x, self.rddrs_samples))
         choices = []
         for i in range(x.shape[0]):
             if not (bool(iso.finite[i]) and bool(result.finite[i])):
