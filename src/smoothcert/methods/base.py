@@ -113,6 +113,16 @@ class CertifyMethod(ABC):
         """Called after the last batch (also after an error)."""
 
 
+def argument_group_once(parser: argparse.ArgumentParser, title: str) -> Any:
+    """A new argument group ``title`` on ``parser``, or None when a method has already added it there (methods
+    share option groups, and the command line adds every method's options to one parser)."""
+    added = parser.__dict__.setdefault("_smoothcert_groups", set())
+    if title in added:
+        return None
+    added.add(title)
+    return parser.add_argument_group(title)
+
+
 def method_class(name: str) -> type[CertifyMethod]:
     if name not in CertifyMethod.registry:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(CertifyMethod.registry))}")

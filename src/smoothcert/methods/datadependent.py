@@ -47,7 +47,7 @@ from ..memory import CertificationMemory
 from ..noise import IsotropicGaussian, Noise, noise_from_parameters
 from ..smooth import certify
 from ..uniform import UniformDiagonal
-from .base import CertifyMethod, RunContext, certificate_row
+from .base import CertifyMethod, RunContext, argument_group_once, certificate_row
 
 __all__ = [
     "FAMILIES", "GAPS", "NotDifferentiable", "check_optimizer_arguments", "OptimizationResult", "standard_draws",
@@ -302,7 +302,6 @@ class Choice:
     fallback: str = "none"
 
 
-_SHARED_FLAG = "_smoothcert_datadependent_options"
 
 
 class DataDependentMethod(CertifyMethod):
@@ -346,10 +345,9 @@ class DataDependentMethod(CertifyMethod):
     # -- options -------------------------------------------------------------------------------------------
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        if getattr(parser, _SHARED_FLAG, False):
+        g = argument_group_once(parser, "data-dependent smoothing (dds, ancer, rancer, rancer-best, rddrs)")
+        if g is None:
             return
-        setattr(parser, _SHARED_FLAG, True)
-        g = parser.add_argument_group("data-dependent smoothing (dds, ancer, rancer, rancer-best, rddrs)")
         g.add_argument("--opt-samples", type=int, default=100,
                        help="noise samples per input and optimization step (default 100)")
         g.add_argument("--opt-batch-size", type=int, default=None,

@@ -33,7 +33,7 @@ from ..noise import DiagonalGaussian, RotatedGaussian
 from ..sampling import sample_counts
 from ..stats import gap as normal_gap
 from .ancer import ANCER, optimize_ancer
-from .base import RunContext
+from .base import RunContext, argument_group_once
 from .datadependent import CLAMP, Choice
 
 __all__ = ["RANCER", "RANCERBest"]
@@ -61,10 +61,9 @@ class RANCER(ANCER):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)
-        if getattr(parser, "_smoothcert_rancer_options", False):
+        g = argument_group_once(parser, "rancer, rancer-best")
+        if g is None:
             return
-        parser._smoothcert_rancer_options = True  # type: ignore[attr-defined]
-        g = parser.add_argument_group("rancer, rancer-best")
         g.add_argument("--rancer-lambda1", type=float, default=0.5,
                        help="theta >= theta_iso (1 - lambda1) during optimization (seed 000 eq. 4.8; default 0.5)")
         g.add_argument("--rancer-lambda2", type=float, default=0.5,

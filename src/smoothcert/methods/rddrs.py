@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..noise import FullGaussian
-from .base import RunContext
+from .base import RunContext, argument_group_once
 from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
                             finish_optimization, classes_of, mean_probs, objective_and_gradient, objective_gap,
                             rows_finite, standard_draws)
@@ -162,10 +162,9 @@ class RDDRS(DataDependentMethod):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)
-        if getattr(parser, "_smoothcert_rddrs_options", False):
+        g = argument_group_once(parser, "rddrs")
+        if g is None:
             return
-        parser._smoothcert_rddrs_options = True  # type: ignore[attr-defined]
-        g = parser.add_argument_group("rddrs")
         g.add_argument("--rddrs-steps", type=int, default=100, help="Riemannian ascent steps (default 100)")
         g.add_argument("--rddrs-lr", type=float, default=1.0, help="step size gamma (default 1)")
         g.add_argument("--rddrs-samples", type=int, default=1000,
