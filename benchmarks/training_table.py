@@ -29,6 +29,9 @@ method. Run it in the background, e.g.
 
     nohup .venv/bin/python benchmarks/training_table.py --out runs/training-table > runs/training-table.log 2>&1 &
 
+The table's training seconds are wall time and grow with whatever else the machine runs; ``--timing`` measures
+the cost of each objective per epoch in one run of interleaved rounds (``OUT/epoch-seconds.md``).
+
 On a shared 2-core CPU it takes several hours (certification dominates: about 11 model-evaluations of
 200 x 10,100 noisy digits per sigma); on a GPU, minutes. ``--inputs``, ``--n``, ``--epochs`` and ``--sigmas`` make
 a smaller run.
@@ -37,6 +40,7 @@ a smaller run.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,9 +90,8 @@ def methods(sigma: float, epochs: int) -> list[Method]:
     ]
 
 
-def train_member(method: Method, seed: int, sigma: float, args, train_set, val_set, device) -> tuple[Path, float]:
-    """Train (or resume, or skip when done) one model; return its checkpoint stem and training seconds."""
-    stem = args.out / f"sigma{sigma:g}" / f"{method.slug}-seed{seed}"
+def member_model(method: Method, seed: int, sigma: float, train_set) -> tuple[torch.nn.Module, dict]:
+    """A fresh seeded MNIST CNN for ``method`` (with its PCA first layer when it has one) and its config."""
     torch.manual_seed(seed)
     model = model_for_dataset("mnist", "mnist-cnn")
     config = {"dataset": "mnist"}
@@ -96,10 +99,45 @@ def train_member(method: Method, seed: int, sigma: float, args, train_set, val_s
         projection = fit_pca(train_set.inputs, sigma, method.pca)
         model = add_pca(model, projection)
         config["pca"] = {**projection.config(), "fraction": method.pca}
-    history = train(model, train_set, objective=make_objective(method.objective, **method.hyper), sigma=sigma,
-                    epochs=args.epochs, batch_size=128, lr=0.05, schedule="cosine", seed=seed, out=stem,
-                    val_set=val_set, resume=True, progress=args.progress, device=device, config=config,
-                    clip_grad_norm=method.clip)
+    return model, config
+
+
+def training_settings(method: Method) -> dict:
+    """The settings every method shares (SGD, lr 0.05, cosine, batch 128), with its objective and clipping."""
+    return dict(objective=make_objective(method.objective, **method.hyper), batch_size=128, lr=0.05,
+                schedule="cosine", clip_grad_norm=method.clip)
+
+
+def epoch_seconds(args, train_set, device) -> str:
+    """Seconds per training epoch of each method (one member; the ensemble costs three Gaussian members), the
+    median over ``--timing-rounds`` rounds in which the methods take turns, and the ratio to Gaussian
+    augmentation: the training cost measured in one run, on whatever else the machine is doing alike. MACER's
+    first epoch defers its hinge (forward cost unchanged); SmoothAdv's attack runs every step."""
+    sigma = args.sigmas[0]
+    members = [m for m in methods(sigma, args.epochs) if len(m.seeds) == 1]
+    seconds: dict[str, list[float]] = {m.label: [] for m in members}
+    for _ in range(args.timing_rounds):
+        for method in members:
+            model, _ = member_model(method, 0, sigma, train_set)
+            began = time.perf_counter()
+            train(model, train_set, sigma=sigma, epochs=1, progress=False, device=device, **training_settings(method))
+            seconds[method.label].append(time.perf_counter() - began)
+    base = statistics.median(seconds["Gaussian"])
+    lines = [f"MNIST CNN, sigma {sigma:g}, one epoch of {len(train_set):,} digits, batch 128, device {device}, "
+             f"{torch.get_num_threads()} threads; median of {args.timing_rounds} interleaved rounds.", "",
+             "| model | s / epoch | x Gaussian |", "|---|---:|---:|"]
+    for label, values in seconds.items():
+        lines.append(f"| {label} | {statistics.median(values):.2f} | {statistics.median(values) / base:.1f} |")
+    lines.append(f"| Ensemble (m=3) of Gaussian | {3 * base:.2f} | 3.0 |")
+    return "\n".join(lines) + "\n"
+
+
+def train_member(method: Method, seed: int, sigma: float, args, train_set, val_set, device) -> tuple[Path, float]:
+    """Train (or resume, or skip when done) one model; return its checkpoint stem and training seconds."""
+    stem = args.out / f"sigma{sigma:g}" / f"{method.slug}-seed{seed}"
+    model, config = member_model(method, seed, sigma, train_set)
+    history = train(model, train_set, sigma=sigma, epochs=args.epochs, seed=seed, out=stem, val_set=val_set,
+                    resume=True, progress=args.progress, device=device, config=config, **training_settings(method))
     last = history[-1]
     print(f"  {stem.name}: {len(history)} epochs, loss {last['loss']:.3f}, val noisy acc {last['val_noisy_acc']:.3f}",
           flush=True)
@@ -151,6 +189,10 @@ def main() -> None:
                         help="certification dtype (auto: bfloat16 on an accelerator, float32 on the CPU)")
     parser.add_argument("--only", nargs="+", default=None, help="only these method slugs")
     parser.add_argument("--progress", action="store_true", help="progress bars")
+    parser.add_argument("--timing", action="store_true",
+                        help="only time one training epoch of each method (interleaved rounds) and write "
+                             "OUT/epoch-seconds.md; trains nothing to keep, certifies nothing")
+    parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of --timing (default 3)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     if args.dtype == "auto":
@@ -158,6 +200,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     train_set, test_set = load_dataset("mnist", "train"), load_dataset("mnist", "test")
     val_set = test_set   # accuracy under noise per epoch, for the log only: no model selection uses it
+    if args.timing:
+        text = epoch_seconds(args, train_set, device)
+        (args.out / "epoch-seconds.md").write_text(text)
+        print(text, flush=True)
+        return
     rows: list[list[str]] = []
     began = time.perf_counter()
     for sigma in args.sigmas:
