@@ -30,7 +30,7 @@ from ..noise import DiagonalGaussian
 from ..uniform import UniformDiagonal
 from .base import RunContext
 from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
-                            finish_optimization, classes_of, expand_rows, mean_probs, objective_and_gradient,
+                            classes_of, expand_rows, finish_optimization, mean_probs, objective_and_gradient,
                             objective_gap, rows_finite, standard_draws)
 
 __all__ = ["optimize_ancer", "ANCER", "anisotropic_objective"]

@@ -52,7 +52,7 @@ from .base import CertifyMethod, RunContext, argument_group_once, certificate_ro
 __all__ = [
     "FAMILIES", "GAPS", "NotDifferentiable", "check_optimizer_arguments", "OptimizationResult", "standard_draws",
     "objective_gap", "objective_and_gradient", "mean_probs", "class_slots", "classes_of", "DataDependentMethod",
-    "Choice",
+    "Choice", "finish_optimization", "rows_finite", "cpu_pass_size", "CPU_PASS_VALUES",
 ]
 
 #: Noise families the optimizers reparameterize: ``eps = scale * w`` with ``w ~ N(0, 1)`` or ``U[-1, 1]``.
@@ -300,8 +300,6 @@ class Choice:
     noise: Noise
     extra: dict[str, Any] = field(default_factory=dict)
     fallback: str = "none"
-
-
 
 
 class DataDependentMethod(CertifyMethod):

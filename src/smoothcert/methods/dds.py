@@ -24,7 +24,7 @@ from ..noise import IsotropicGaussian
 from ..uniform import UniformDiagonal
 from .base import RunContext
 from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
-                            finish_optimization, classes_of, mean_probs, objective_and_gradient, objective_gap,
+                            classes_of, finish_optimization, mean_probs, objective_and_gradient, objective_gap,
                             rows_finite, standard_draws)
 
 __all__ = ["optimize_dds", "DDS"]

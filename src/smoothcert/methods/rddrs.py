@@ -38,7 +38,7 @@ import torch
 from ..noise import FullGaussian
 from .base import RunContext, argument_group_once
 from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
-                            finish_optimization, classes_of, mean_probs, objective_and_gradient, objective_gap,
+                            classes_of, finish_optimization, mean_probs, objective_and_gradient, objective_gap,
                             rows_finite, standard_draws)
 
 __all__ = ["optimize_rddrs", "spd_exp", "RDDRS"]
