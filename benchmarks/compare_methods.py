@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from smoothcert.cli import main as cli
+from smoothcert.cli.main import main as cli
 
 
 def main() -> None:

@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smoothcert import IsotropicGaussian, certify, input_generator
-from smoothcert.data import load_dataset
-from smoothcert.firstorder import certify_first_order
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.engine.smooth import certify
+from smoothcert.engine.sampling import input_generator
+from smoothcert.data.datasets import load_dataset
+from smoothcert.methods.firstorder.certificate import certify_first_order
 
 L2_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 LINF_RADII = (0.0, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04)
@@ -35,13 +37,13 @@ FIELDS = ("idx", "label", "method", "predict", "correct", "p_lower", "l2", "l1",
 
 
 def get_model(args, out: Path):
-    from smoothcert.checkpoint import load_checkpoint
+    from smoothcert.models.checkpoint import load_checkpoint
 
     if args.checkpoint:
         model, _ = load_checkpoint(args.checkpoint)
         return model.eval()
-    from smoothcert.models import model_for_dataset
-    from smoothcert.training import train
+    from smoothcert.models.architectures import model_for_dataset
+    from smoothcert.training.loop import train
 
     prefix = out / "mnist-cnn-gaussian"
     state = prefix.with_name(prefix.name + ".state.pt")
@@ -73,7 +75,7 @@ def certify_one(model, x, label, idx, args):
                                alpha_split=args.alpha_split, batch_size=args.batch_size, generators=[tuple(gens)])
     t1 = time.perf_counter()
     # the radius solvers alone, for the record (they are part of the first-order seconds above)
-    from smoothcert.firstorder import FirstOrderPlan, normalized_radii
+    from smoothcert.methods.firstorder.certificate import FirstOrderPlan, normalized_radii
 
     plan = FirstOrderPlan.make(args.alpha, args.n, alpha_split=args.alpha_split)
     bounds = {k: v * args.sigma for k, v in f.grad_bounds.items()}

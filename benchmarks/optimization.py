@@ -25,14 +25,14 @@ import time
 
 import torch
 
-from smoothcert.data import load_dataset
-from smoothcert.hessian import hessian_basis, loss_hessian
+from smoothcert.data.datasets import load_dataset
+from smoothcert.methods.hessian import hessian_basis, loss_hessian
 from smoothcert.methods.ancer import optimize_ancer
 from smoothcert.methods.datadependent import cpu_pass_size
 from smoothcert.methods.dds import optimize_dds
 from smoothcert.methods.rddrs import optimize_rddrs
-from smoothcert.models import model_for_dataset
-from smoothcert.sampling import input_generator
+from smoothcert.models.architectures import model_for_dataset
+from smoothcert.engine.sampling import input_generator
 
 
 def _sync(device: torch.device) -> None:
@@ -85,7 +85,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.checkpoint:
-        from smoothcert.checkpoint import load_checkpoint
+        from smoothcert.models.checkpoint import load_checkpoint
 
         model = load_checkpoint(args.checkpoint, device)[0]
     else:

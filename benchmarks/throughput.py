@@ -19,9 +19,11 @@ import time
 import numpy as np
 import torch
 
-from smoothcert import IsotropicGaussian, certify, input_generator
-from smoothcert.data import load_dataset
-from smoothcert.models import build_model, cifar_resnet
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.engine.smooth import certify
+from smoothcert.engine.sampling import input_generator
+from smoothcert.data.datasets import load_dataset
+from smoothcert.models.architectures import build_model, cifar_resnet
 
 
 def raw_forward(model, x, sigma, batch, dtype, seconds=3.0):
@@ -103,7 +105,7 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.checkpoint:
-        from smoothcert.checkpoint import load_checkpoint
+        from smoothcert.models.checkpoint import load_checkpoint
 
         model = load_checkpoint(args.checkpoint, device=device)[0]
     else:

@@ -47,17 +47,19 @@ from pathlib import Path
 
 import torch
 
-from smoothcert import IsotropicGaussian, certify, input_generator
-from smoothcert.checkpoint import load_checkpoint
-from smoothcert.cli import resolve_device
-from smoothcert.data import load_dataset
-from smoothcert.ensemble import Ensemble
-from smoothcert.evaluation import average_certified_radius, certified_accuracy, load_results
-from smoothcert.models import model_for_dataset
-from smoothcert.objectives import make_objective
-from smoothcert.pca import add_pca, fit_pca
-from smoothcert.runner import CERTIFY_COLUMNS, ResultsFile, run_dataset
-from smoothcert.training import train
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.engine.smooth import certify
+from smoothcert.engine.sampling import input_generator
+from smoothcert.models.checkpoint import load_checkpoint
+from smoothcert.cli.common import resolve_device
+from smoothcert.data.datasets import load_dataset
+from smoothcert.models.ensemble import Ensemble
+from smoothcert.evaluation.tables import average_certified_radius, certified_accuracy, load_results
+from smoothcert.models.architectures import model_for_dataset
+from smoothcert.training.objectives import make_objective
+from smoothcert.models.pca import add_pca, fit_pca
+from smoothcert.cli.runner import CERTIFY_COLUMNS, ResultsFile, run_dataset
+from smoothcert.training.loop import train
 
 RADII = (0.25, 0.5, 0.75, 1.0)
 

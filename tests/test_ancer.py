@@ -6,12 +6,12 @@ import pytest
 import torch
 from scipy import stats
 
-from smoothcert.geometry import CrossPolytope
-from smoothcert.methods import RunContext
+from smoothcert.geometry.regions import CrossPolytope
+from smoothcert.methods.base import RunContext
 from smoothcert.methods.ancer import ANCER, anisotropic_objective, optimize_ancer
 from smoothcert.methods.datadependent import mean_probs, objective_gap, standard_draws
-from smoothcert.noise import DiagonalGaussian
-from smoothcert.uniform import UniformDiagonal
+from smoothcert.noise.gaussian import DiagonalGaussian
+from smoothcert.noise.uniform import UniformDiagonal
 
 from test_dds import Ellipse, gens
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from smoothcert.cli import main
+from smoothcert.cli.main import main
 
 PY = [sys.executable, "-m", "smoothcert.cli"]
 

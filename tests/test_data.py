@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from smoothcert.data import DATASETS, load_dataset, make_toy, read_cifar10_batch
+from smoothcert.data.datasets import DATASETS, load_dataset, make_toy, read_cifar10_batch
 
 BUILTIN = ["mnist", "digits", "toy-curved", "toy-rotated", "toy-3class"]
 

@@ -6,13 +6,12 @@ import math
 import pytest
 import torch
 
-from smoothcert.methods import RunContext
-from smoothcert.methods.datadependent import (DataDependentMethod, cpu_pass_size, mean_probs, objective_and_gradient,
-                                              objective_gap, standard_draws)
+from smoothcert.methods.base import RunContext
+from smoothcert.methods.datadependent import (DataDependentMethod, cpu_pass_size, mean_probs, objective_and_gradient, objective_gap, standard_draws)
 from smoothcert.methods.dds import DDS, optimize_dds
-from smoothcert.noise import IsotropicGaussian
-from smoothcert.sampling import input_generator
-from smoothcert.smooth import certify
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.engine.sampling import input_generator
+from smoothcert.engine.smooth import certify
 
 
 class Ellipse(torch.nn.Module):
@@ -196,7 +195,7 @@ def test_fall_back_to_the_isotropic_certificate(tmp_path):
 
 
 def test_options_and_bad_settings():
-    from smoothcert.methods import CertifyMethod
+    from smoothcert.methods.base import CertifyMethod
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--sigma", type=float)
@@ -295,9 +294,9 @@ def test_command_line_run_resumes_after_a_lost_row(tmp_path):
     """End to end: `smoothcert certify --method ancer`; drop the last rows (a crash after the memory recorded the
     inputs but before their rows were written) and run again: the rows come back identical, even though the
     inputs are now grouped differently ([3, 4] instead of [2, 3], [4])."""
-    from smoothcert.checkpoint import save_checkpoint
-    from smoothcert.cli import main
-    from smoothcert.models import build_model
+    from smoothcert.models.checkpoint import save_checkpoint
+    from smoothcert.cli.main import main
+    from smoothcert.models.architectures import build_model
 
     torch.manual_seed(0)
     stem = save_checkpoint(tmp_path / "mlp", build_model("mlp", num_classes=2, input_shape=(2,)),

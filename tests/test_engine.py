@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from smoothcert import (DiagonalGaussian, FullGaussian, IsotropicGaussian, RotatedGaussian, input_generator,
-                        noise_from_parameters, sample_counts)
-from smoothcert.regions import Ball, Ellipsoid
+from smoothcert.noise.gaussian import DiagonalGaussian, FullGaussian, IsotropicGaussian, RotatedGaussian
+from smoothcert.engine.sampling import input_generator, sample_counts
+from smoothcert.noise.base import noise_from_parameters
+from smoothcert.geometry.regions import Ball, Ellipsoid
 
 
 def threshold_model(x):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from smoothcert.evaluation import average_certified_radius, average_radius_improvement, certified_accuracy, load_results, report
+from smoothcert.evaluation.tables import (average_certified_radius, average_radius_improvement, certified_accuracy, load_results, report)
 
 CLASSIC = """idx\tlabel\tpredict\tradius\tcorrect\ttime
 0\t7\t7\t0.812\t1\t0:00:01.234567

@@ -9,10 +9,10 @@ import pytest
 import torch
 from scipy import stats
 
-from smoothcert.firstorder import FirstOrderPlan, Subspace, certify_first_order, normalized_radii
-from smoothcert.firstorder_radii import directional_radius, zeroth_order_radius
-from smoothcert.methods import COMMON_COLUMNS, RunContext, method_class
-from smoothcert.sampling import input_generator
+from smoothcert.methods.firstorder.certificate import FirstOrderPlan, Subspace, certify_first_order, normalized_radii
+from smoothcert.methods.firstorder.radii import directional_radius, zeroth_order_radius
+from smoothcert.methods.base import COMMON_COLUMNS, RunContext, method_class
+from smoothcert.engine.sampling import input_generator
 
 SQRT_2PI = math.sqrt(2 * math.pi)
 

@@ -7,15 +7,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from smoothcert.firstorder_radii import (
-    R_MAX,
-    directional_radius,
-    l2_interval,
-    l2_radius,
-    probability_lower_bound,
-    vertex_radius,
-    zeroth_order_radius,
-)
+from smoothcert.methods.firstorder.radii import (R_MAX, directional_radius, l2_interval, l2_radius, probability_lower_bound, vertex_radius, zeroth_order_radius)
 
 CASES_1D = [(0.8, 0.1), (0.8, 0.0), (0.6, 0.3), (0.9, 0.05), (0.99, 0.01), (0.999, 0.002)]
 CASES_2D = [(0.8, -0.05, 0.2, 1.5), (0.9, -0.02, 0.15, 2.0), (0.7, -0.3, 0.1, 0.6), (0.8, 0.05, 0.1, 1.2),

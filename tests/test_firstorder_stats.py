@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import optimize, stats
 
-from smoothcert import firstorder_stats as fs
-from smoothcert.sampling import sample_counts
-from smoothcert.noise import IsotropicGaussian
+import smoothcert.stats.gradients as fs
+from smoothcert.engine.sampling import sample_counts
+from smoothcert.noise.gaussian import IsotropicGaussian
 
 
 def _worst_mgf_ratio(h: np.ndarray, t: np.ndarray, weights: np.ndarray) -> float:

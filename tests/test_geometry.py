@@ -8,10 +8,12 @@ import pytest
 import torch
 from scipy.optimize import linprog, minimize, minimize_scalar
 
-from smoothcert.geometry import (CrossPolytope, distance_to_region, distances, inscribed_lower, intersects,
-                                 intersects_each, k_function, largest_ball_outside, outer_radius)
-from smoothcert.noise import FullGaussian
-from smoothcert.regions import Ball, Ellipsoid
+from smoothcert.geometry.regions import CrossPolytope
+from smoothcert.geometry.distance import distance_to_region, distances, largest_ball_outside
+from smoothcert.geometry.tolerances import inscribed_lower, outer_radius
+from smoothcert.geometry.intersection import intersects, intersects_each, k_function
+from smoothcert.noise.gaussian import FullGaussian
+from smoothcert.geometry.regions import Ball, Ellipsoid
 
 F64 = torch.float64
 KINDS = ["ball", "axis", "rotated", "general", "l1"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from smoothcert.hessian import hessian_basis, hessian_method, is_piecewise_linear, loss_hessian
+from smoothcert.methods.hessian import hessian_basis, hessian_method, is_piecewise_linear, loss_hessian
 
 
 def relu_net(d=6, k=4, seed=0):

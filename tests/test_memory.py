@@ -9,11 +9,12 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-import smoothcert.memory as memory_module
-from smoothcert.geometry import CrossPolytope, intersects
-from smoothcert.memory import ABSTAINED, KEPT, SHRUNK, CertificationMemory, fingerprint_of
-from smoothcert.noise import FullGaussian
-from smoothcert.regions import Ball, Ellipsoid
+import smoothcert.methods.memory as memory_module
+from smoothcert.geometry.regions import CrossPolytope
+from smoothcert.geometry.intersection import intersects
+from smoothcert.methods.memory import ABSTAINED, KEPT, SHRUNK, CertificationMemory, fingerprint_of
+from smoothcert.noise.gaussian import FullGaussian
+from smoothcert.geometry.regions import Ball, Ellipsoid
 
 F64 = torch.float64
 

@@ -9,21 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from smoothcert import IsotropicGaussian, certify
-from smoothcert.checkpoint import load_checkpoint, save_checkpoint
-from smoothcert.data import DATASETS, load_dataset
-from smoothcert.models import (
-    ARCHITECTURES,
-    WRAPPERS,
-    Normalize,
-    build_model,
-    cifar_resnet,
-    default_arch,
-    model_for_dataset,
-    model_spec,
-    register_wrapper,
-    wrap_model,
-)
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.engine.smooth import certify
+from smoothcert.models.checkpoint import load_checkpoint, save_checkpoint
+from smoothcert.data.datasets import DATASETS, load_dataset
+from smoothcert.models.architectures import (ARCHITECTURES, WRAPPERS, Normalize, build_model, cifar_resnet, default_arch, model_for_dataset, model_spec, register_wrapper, wrap_model)
 
 torch.set_num_threads(1)
 

@@ -12,10 +12,7 @@ import scipy.stats
 import torch
 from torch import nn
 
-from smoothcert.objectives import (
-    OBJECTIVES, Consistency, GaussianAugmentation, GeneralizedConsistency, Macer, SmoothAdv, make_objective,
-    standard_noise,
-)
+from smoothcert.training.objectives import (OBJECTIVES, Consistency, GaussianAugmentation, GeneralizedConsistency, Macer, SmoothAdv, make_objective, standard_noise)
 
 SIGMA = 0.3
 B, K, D = 6, 3, 5

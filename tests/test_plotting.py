@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from smoothcert.methods import FixedSigma, method_class
-from smoothcert.plotting import method_regions, plot_regions
-from smoothcert.methods import RunContext
-from smoothcert.regions import Ball, Ellipsoid
+from smoothcert.methods.fixed import FixedSigma
+from smoothcert.methods.base import method_class
+from smoothcert.evaluation.regions_plot import method_regions, plot_regions
+from smoothcert.methods.base import RunContext
+from smoothcert.geometry.regions import Ball, Ellipsoid
 
 from conftest import Linear2
 

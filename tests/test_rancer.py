@@ -4,12 +4,12 @@ import math
 
 import torch
 
-from smoothcert.hessian import hessian_basis
-from smoothcert.methods import RunContext
+from smoothcert.methods.hessian import hessian_basis
+from smoothcert.methods.base import RunContext
 from smoothcert.methods.ancer import optimize_ancer
 from smoothcert.methods.datadependent import DataDependentMethod
 from smoothcert.methods.rancer import RANCER, RANCERBest
-from smoothcert.noise import DiagonalGaussian, RotatedGaussian
+from smoothcert.noise.gaussian import DiagonalGaussian, RotatedGaussian
 
 from test_ancer import assert_sound, linear_problem, soundness_violations
 from test_dds import Ellipse, gens

@@ -7,13 +7,12 @@ import pytest
 import scipy.linalg
 import torch
 
-from smoothcert.methods import RunContext
+from smoothcert.methods.base import RunContext
 from smoothcert.methods.ancer import optimize_ancer
-from smoothcert.methods.datadependent import DataDependentMethod, mean_probs, objective_and_gradient, objective_gap, \
-    standard_draws
-from smoothcert.methods import rddrs as rddrs_module
+from smoothcert.methods.datadependent import (DataDependentMethod, mean_probs, objective_and_gradient, objective_gap, standard_draws)
+import smoothcert.methods.rddrs as rddrs_module
 from smoothcert.methods.rddrs import RDDRS, optimize_rddrs, spd_exp
-from smoothcert.noise import FullGaussian
+from smoothcert.noise.gaussian import FullGaussian
 
 from test_ancer import assert_sound, soundness_violations
 from test_dds import Ellipse, gens

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from smoothcert import IsotropicGaussian, certify
-from smoothcert.runner import CERTIFY_COLUMNS, ResultsFile, run_dataset, select_indices
-from smoothcert.sampling import input_generator
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.engine.smooth import certify
+from smoothcert.cli.runner import CERTIFY_COLUMNS, ResultsFile, run_dataset, select_indices
+from smoothcert.engine.sampling import input_generator
 
 from conftest import Linear2
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 from scipy import stats as st
 
-from smoothcert import ABSTAIN, DiagonalGaussian, IsotropicGaussian, Smooth, certify, input_generator, predict
+from smoothcert.engine.smooth import ABSTAIN, Smooth, certify, predict
+from smoothcert.noise.gaussian import DiagonalGaussian, IsotropicGaussian
+from smoothcert.engine.sampling import input_generator
 
 from conftest import Linear2
 
@@ -157,7 +159,7 @@ def test_certify_matches_cohen_formula_from_counts():
 def test_a_model_with_a_pca_first_layer_stays_sound():
     """Linear classifier behind a PCA projection: the composition is linear with weight P w, so its exact
     smoothed radius is the distance to that boundary; certificates exceed it no more often than alpha allows."""
-    from smoothcert.pca import add_pca, fit_pca
+    from smoothcert.models.pca import add_pca, fit_pca
 
     g = torch.Generator().manual_seed(5)
     d, trials, alpha, sigma = 8, 300, 0.05, 0.3

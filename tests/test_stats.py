@@ -3,7 +3,7 @@ import pytest
 from scipy import stats as st
 from statsmodels.stats.proportion import proportion_confint
 
-from smoothcert.stats import binomial_pvalue, clopper_pearson_lower, clopper_pearson_upper, gap, max_certifiable_gap
+from smoothcert.stats.bounds import (binomial_pvalue, clopper_pearson_lower, clopper_pearson_upper, gap, max_certifiable_gap)
 
 
 @pytest.mark.parametrize("side,bound,edge", [(0, clopper_pearson_lower, 0.0), (1, clopper_pearson_upper, 1.0)])

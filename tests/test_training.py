@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from smoothcert.checkpoint import load_checkpoint, save_checkpoint
-from smoothcert.ensemble import Ensemble, load_ensemble
-from smoothcert.models import build_model
-from smoothcert.objectives import GaussianAugmentation, make_objective
-from smoothcert.pca import PCAProjection, ProjectedModel, add_pca, fit_pca
-from smoothcert.training import LOG_COLUMNS, add_train_arguments, learning_rate, noisy_accuracy, run_train, train
+from smoothcert.models.checkpoint import load_checkpoint, save_checkpoint
+from smoothcert.models.ensemble import Ensemble, load_ensemble
+from smoothcert.models.architectures import build_model
+from smoothcert.training.objectives import GaussianAugmentation, make_objective
+from smoothcert.models.pca import PCAProjection, ProjectedModel, add_pca, fit_pca
+from smoothcert.training.loop import LOG_COLUMNS, learning_rate, noisy_accuracy, train
+from smoothcert.cli.train import add_train_arguments, run_train
 
 SHAPE = (1, 4, 4)
 D = 16

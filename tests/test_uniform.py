@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from smoothcert import noise_from_parameters
-from smoothcert.geometry import CrossPolytope
-from smoothcert.sampling import input_generator, sample_counts
-from smoothcert.smooth import certify
-from smoothcert.uniform import UniformDiagonal, uniform_tv
+from smoothcert.noise.base import noise_from_parameters
+from smoothcert.geometry.regions import CrossPolytope
+from smoothcert.engine.sampling import input_generator, sample_counts
+from smoothcert.engine.smooth import certify
+from smoothcert.noise.uniform import UniformDiagonal, uniform_tv
 
 F64 = torch.float64
 

@@ -5,24 +5,27 @@ input (a ball or an ellipsoid) inside which no perturbation changes the answer, 
 ``1 - alpha``. Noise is added in the model's input space (pixels in [0, 1]); sigma is in those units.
 """
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import DATASETS, load_dataset
-from .models import build_model, model_for_dataset
-from .noise import DiagonalGaussian, FullGaussian, IsotropicGaussian, Noise, RotatedGaussian, noise_from_parameters
-from .regions import Ball, Ellipsoid, Region
-from .sampling import input_generator, sample_counts
-from .smooth import ABSTAIN, Certificate, Smooth, certify, predict
-from .stats import binomial_pvalue, clopper_pearson_lower, clopper_pearson_upper
-from .ensemble import Ensemble, load_ensemble
-from .objectives import OBJECTIVES, Objective, make_objective
-from .pca import PCAProjection, add_pca, fit_pca  # also registers the "pca" layer kind for checkpoints
-from .training import train
-from .firstorder import FirstOrderCertificate, Subspace, certify_first_order
-from .methods import CertifyMethod, RunContext, method_class
-from .geometry import CrossPolytope, distance_to_region, intersects, largest_ball_outside
-from .memory import CertificationMemory
+from smoothcert.models.checkpoint import load_checkpoint, save_checkpoint
+from smoothcert.data.datasets import DATASETS, load_dataset
+from smoothcert.models.architectures import build_model, model_for_dataset
+from smoothcert.noise.gaussian import DiagonalGaussian, FullGaussian, IsotropicGaussian, RotatedGaussian
+from smoothcert.noise.base import Noise, noise_from_parameters
+from smoothcert.geometry.regions import Ball, Ellipsoid, Region
+from smoothcert.engine.sampling import input_generator, sample_counts
+from smoothcert.engine.smooth import ABSTAIN, Certificate, Smooth, certify, predict
+from smoothcert.stats.bounds import binomial_pvalue, clopper_pearson_lower, clopper_pearson_upper
+from smoothcert.models.ensemble import Ensemble, load_ensemble
+from smoothcert.training.objectives import OBJECTIVES, Objective, make_objective
+from smoothcert.models.pca import PCAProjection, add_pca, fit_pca  # also registers the "pca" layer kind for checkpoints
+from smoothcert.training.loop import train
+from smoothcert.methods.firstorder.certificate import FirstOrderCertificate, Subspace, certify_first_order
+from smoothcert.methods.base import CertifyMethod, RunContext, method_class
+from smoothcert.geometry.regions import CrossPolytope
+from smoothcert.geometry.distance import distance_to_region, largest_ball_outside
+from smoothcert.geometry.intersection import intersects
+from smoothcert.methods.memory import CertificationMemory
 
-__version__ = "0.1.0"
+from smoothcert.version import __version__  # noqa: E402
 
 __all__ = [
     "ABSTAIN", "DATASETS", "Ball", "build_model", "load_checkpoint", "load_dataset", "model_for_dataset",

@@ -26,12 +26,10 @@ from typing import Any
 
 import torch
 
-from ..noise import DiagonalGaussian
-from ..uniform import UniformDiagonal
-from .base import RunContext
-from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
-                            classes_of, expand_rows, finish_optimization, mean_probs, objective_and_gradient,
-                            objective_gap, rows_finite, standard_draws)
+from smoothcert.noise.gaussian import DiagonalGaussian
+from smoothcert.noise.uniform import UniformDiagonal
+from smoothcert.methods.base import RunContext
+from smoothcert.methods.datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots, classes_of, expand_rows, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
 
 __all__ = ["optimize_ancer", "ANCER", "anisotropic_objective"]
 

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..sampling import input_generator
-from ..smooth import Certificate
+from smoothcert.engine.sampling import input_generator
+from smoothcert.engine.smooth import Certificate
 
 #: Columns every certification method fills, after Cohen's ``idx label predict radius correct time``.
 COMMON_COLUMNS = ("radius_proxy", "p_lower", "gap", "n", "method", "dtype")

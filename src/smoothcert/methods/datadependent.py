@@ -43,11 +43,12 @@ from typing import Any
 
 import torch
 
-from ..memory import CertificationMemory
-from ..noise import IsotropicGaussian, Noise, noise_from_parameters
-from ..smooth import certify
-from ..uniform import UniformDiagonal
-from .base import CertifyMethod, RunContext, argument_group_once, certificate_row
+from smoothcert.methods.memory import CertificationMemory
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.noise.base import Noise, noise_from_parameters
+from smoothcert.engine.smooth import certify
+from smoothcert.noise.uniform import UniformDiagonal
+from smoothcert.methods.base import CertifyMethod, RunContext, argument_group_once, certificate_row
 
 __all__ = [
     "FAMILIES", "GAPS", "NotDifferentiable", "check_optimizer_arguments", "OptimizationResult", "standard_draws",
@@ -403,7 +404,7 @@ class DataDependentMethod(CertifyMethod):
 
     def dds_stage(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> OptimizationResult:
         """The isotropic scale per input (seed 000 eq. 3.7), from the ``optimize-dds`` streams."""
-        from .dds import optimize_dds
+        from smoothcert.methods.dds import optimize_dds
 
         return optimize_dds(ctx.model, x, self.base_scale, generators=ctx.generators(indices, "optimize-dds"),
                             steps=self.dds_steps, lr=self.dds_lr, samples=self.samples, family=self.family,

@@ -20,12 +20,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..noise import IsotropicGaussian
-from ..uniform import UniformDiagonal
-from .base import RunContext
-from .datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots,
-                            classes_of, finish_optimization, mean_probs, objective_and_gradient, objective_gap,
-                            rows_finite, standard_draws)
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.noise.uniform import UniformDiagonal
+from smoothcert.methods.base import RunContext
+from smoothcert.methods.datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots, classes_of, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
 
 __all__ = ["optimize_dds", "DDS"]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..noise import IsotropicGaussian
-from ..smooth import certify
-from .base import CertifyMethod, RunContext, certificate_row
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.engine.smooth import certify
+from smoothcert.methods.base import CertifyMethod, RunContext, certificate_row
 
 
 class FixedSigma(CertifyMethod):

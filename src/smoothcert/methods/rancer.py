@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..hessian import METHODS as HESSIAN_METHODS, hessian_basis
-from ..noise import DiagonalGaussian, RotatedGaussian
-from ..sampling import sample_counts
-from ..stats import gap as normal_gap
-from .ancer import ANCER, optimize_ancer
-from .base import RunContext, argument_group_once
-from .datadependent import CLAMP, Choice
+from smoothcert.methods.hessian import METHODS as HESSIAN_METHODS, hessian_basis
+from smoothcert.noise.gaussian import DiagonalGaussian, RotatedGaussian
+from smoothcert.engine.sampling import sample_counts
+from smoothcert.stats.bounds import gap as normal_gap
+from smoothcert.methods.ancer import ANCER, optimize_ancer
+from smoothcert.methods.base import RunContext, argument_group_once
+from smoothcert.methods.datadependent import CLAMP, Choice
 
 __all__ = ["RANCER", "RANCERBest"]
 

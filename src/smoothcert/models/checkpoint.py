@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import Normalize, _jsonable, arch_arguments, model_from_spec, model_spec
+from smoothcert.models.architectures import Normalize, _jsonable, arch_arguments, model_from_spec, model_spec
 
 __all__ = ["save_checkpoint", "load_checkpoint", "FORMAT_VERSION"]
 

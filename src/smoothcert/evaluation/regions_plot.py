@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .methods import CertifyMethod, FixedSigma, RunContext
-from .evaluation import save_figure
-from .regions import Ball, Ellipsoid, Region
-from .smooth import certify
+from smoothcert.methods.base import CertifyMethod, RunContext
+from smoothcert.methods.fixed import FixedSigma
+from smoothcert.evaluation.tables import save_figure
+from smoothcert.geometry.regions import Ball, Ellipsoid, Region
+from smoothcert.engine.smooth import certify
 
 COLORS = {"fixed": "black", "dds": "tab:blue", "ancer": "tab:orange", "rancer": "tab:green",
           "rancer-best": "tab:olive", "rddrs": "tab:red"}

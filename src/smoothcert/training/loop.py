@@ -19,7 +19,6 @@ same weights, and a run resumed after epoch ``e`` continues exactly as if it had
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -32,9 +31,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .objectives import OBJECTIVES, Objective, make_objective
-from .sampling import input_generator
-from .validation import check_count, check_positive
+from smoothcert.training.objectives import OBJECTIVES, Objective, make_objective
+from smoothcert.engine.sampling import input_generator
+from smoothcert.validation import check_count, check_positive
 
 __all__ = ["train", "noisy_accuracy", "learning_rate", "add_train_arguments", "run_train", "LOG_COLUMNS",
            "SCHEDULES", "OPTIMIZERS"]
@@ -130,7 +129,7 @@ def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
     _write_atomic(path, write)
 
 
-def _paths(out: str | os.PathLike) -> dict[str, Path]:
+def train_paths(out: str | os.PathLike) -> dict[str, Path]:
     prefix = Path(out)
     if prefix.suffix in (".safetensors", ".json"):
         prefix = prefix.with_suffix("")
@@ -211,7 +210,7 @@ def train(
                 "milestones": list(milestones) if milestones is not None else None, "optimizer": optimizer,
                 "momentum": momentum, "weight_decay": weight_decay, "clip_grad_norm": clip_grad_norm,
                 "epochs": epochs}
-    paths = _paths(out) if out is not None else None
+    paths = train_paths(out) if out is not None else None
     history: list[dict[str, Any]] = []
     start = 0
     if resume and paths["state"].is_file():
@@ -283,7 +282,7 @@ def train(
 
 
 def _save_epoch(paths, model, opt, settings, config, history, epoch) -> None:
-    from .checkpoint import save_checkpoint
+    from smoothcert.models.checkpoint import save_checkpoint
 
     full = {"sigma": settings["sigma"], **(config or {}),
             "training": {**settings, "epochs_done": epoch, "history": history}}
@@ -292,103 +291,3 @@ def _save_epoch(paths, model, opt, settings, config, history, epoch) -> None:
              "history": history}
     _write_atomic(paths["state"], lambda tmp: torch.save(state, tmp))
     _write_log(paths["log"], history)
-
-
-# ------------------------------------------------------------------------------------------------ command line
-
-_HYPER_FLAGS = {
-    "num_noise": ("--num-noise", int, "noisy copies per input: m (gaussian 1, consistency 2, smoothadv 4) "
-                  "or MACER's k (16)"),
-    "lbd": ("--lbd", float, "weight of the consistency KL term (default 10) or MACER's hinge (default 12)"),
-    "eta": ("--eta", float, "consistency: weight of the entropy of the mean prediction (default 0.5)"),
-    "gamma": ("--gamma", float, "MACER: hinge threshold on Phi^-1(p_A) - Phi^-1(p_B) (default 8)"),
-    "beta": ("--beta", float, "MACER: inverse temperature (default 16)"),
-    "epsilon": ("--epsilon", float, "SmoothAdv: l2 attack radius in input units (default 1.0; 0.5 suits MNIST)"),
-    "steps": ("--pgd-steps", int, "SmoothAdv: PGD steps (default 10)"),
-    "warmup": ("--warmup", int, "SmoothAdv: epochs of linear epsilon warm-up (default 10); MACER: epochs before "
-               "the radius hinge joins (default 0)"),
-}
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``smoothcert train``."""
-    parser.add_argument("--dataset", required=True, help="data set name (see smoothcert.data.DATASETS)")
-    parser.add_argument("--data-root", default=None, help="directory of data sets read from disk (cifar10)")
-    parser.add_argument("--arch", default=None,
-                        help="architecture (smoothcert.models.ARCHITECTURES; default: the data set's default)")
-    parser.add_argument("--objective", default="gaussian", choices=list(OBJECTIVES), help="training objective")
-    parser.add_argument("--sigma", type=float, required=True,
-                        help="noise level in input units, pixels in [0, 1]; train at the sigma you certify with")
-    parser.add_argument("--epochs", type=int, default=10, help="default 10")
-    parser.add_argument("--batch-size", type=int, default=128, help="default 128")
-    parser.add_argument("--lr", type=float, default=0.01, help="initial learning rate (default 0.01)")
-    parser.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="sgd (with momentum) or adam")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="default 1e-4")
-    parser.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient's l2 norm to this")
-    parser.add_argument("--schedule", default="step", choices=SCHEDULES,
-                        help="step: x0.1 at the milestones (default 1/3 and 2/3 of the epochs); cosine; constant")
-    parser.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs at which step decays")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights, shuffling and noise")
-    parser.add_argument("--out", required=True, help="path prefix of the checkpoint (.safetensors/.json), "
-                        "log (.train.tsv) and resume state (.state.pt)")
-    parser.add_argument("--resume", action="store_true", help="continue the run at --out after its last epoch")
-    parser.add_argument("--pca-fraction", type=float, default=None,
-                        help="put a PCA projection first in the model, keeping components with variance above "
-                             "this fraction of sigma^2 (seed 002: 0.2; ablation 0.1)")
-    parser.add_argument("--val-size", type=int, default=1000,
-                        help="test inputs (the first ones) on which to report accuracy under noise each epoch "
-                             "(monitoring only: the saved model is the last epoch's; 0 = none)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for name, (flag, kind, text) in _HYPER_FLAGS.items():
-        parser.add_argument(flag, dest=f"hp_{name}", type=kind, default=None, help=text,
-                            metavar=flag.lstrip("-").upper().replace("-", "_"))
-    return parser
-
-
-class _Subset:
-    """The first ``size`` items of a data set that supports ``batch``."""
-
-    def __init__(self, dataset, size: int):
-        self.dataset, self.size = dataset, min(size, len(dataset))
-
-    def __len__(self) -> int:
-        return self.size
-
-    def batch(self, rows):
-        return self.dataset.batch(rows)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """``smoothcert train``: build the model (optionally with a PCA first layer), train, save; returns 0."""
-    from .cli import resolve_device
-    from .data import load_dataset
-    from .models import model_for_dataset
-    from .pca import add_pca, fit_pca
-
-    hyper = {name: getattr(args, f"hp_{name}") for name in _HYPER_FLAGS}
-    hyper["k" if args.objective == "macer" else "m"] = hyper.pop("num_noise")
-    objective = make_objective(args.objective, **hyper)
-    device = resolve_device(args.device)
-    train_set = load_dataset(args.dataset, "train", args.data_root)
-    val_set = _Subset(load_dataset(args.dataset, "test", args.data_root), args.val_size) if args.val_size > 0 else None
-    paths = _paths(args.out)
-    # the same seed rebuilds the same initial model (and PCA layer); a resumed run then loads its saved state
-    torch.manual_seed(args.seed)
-    model = model_for_dataset(args.dataset, args.arch)
-    config: dict[str, Any] = {"dataset": args.dataset}
-    if args.pca_fraction is not None:
-        projection = fit_pca(train_set.inputs, args.sigma, args.pca_fraction)
-        model = add_pca(model, projection)
-        config["pca"] = {**projection.config(), "fraction": args.pca_fraction}
-        print(f"PCA: kept {projection.num_components} of {projection.config()['dim']} directions "
-              f"(variance > {args.pca_fraction} * sigma^2)")
-    train(model, train_set, objective=objective, sigma=args.sigma, epochs=args.epochs, batch_size=args.batch_size,
-          lr=args.lr, seed=args.seed, out=args.out, val_set=val_set, schedule=args.schedule,
-          milestones=args.milestones, optimizer=args.optimizer, momentum=args.momentum,
-          weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm, resume=args.resume,
-          progress=not args.no_progress, device=device, config=config)
-    print(f"saved {paths['prefix']}.safetensors, log {paths['log']}")
-    return 0
-

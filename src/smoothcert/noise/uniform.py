@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from .geometry import CrossPolytope
-from .noise import Noise
+from smoothcert.geometry.regions import CrossPolytope
+from smoothcert.noise.base import Noise
 
 __all__ = ["UniformDiagonal", "uniform_tv"]
 

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats as _st
 
-from .validation import check_alpha
+from smoothcert.validation import check_alpha
 
 __all__ = ["clopper_pearson_lower", "clopper_pearson_upper", "binomial_pvalue", "gap", "max_certifiable_gap"]
 

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .noise import Noise
-from .validation import check_count, check_logits, check_num_classes
+from smoothcert.noise.base import Noise
+from smoothcert.validation import check_count, check_logits, check_num_classes
 
 __all__ = ["sample_counts", "input_generator", "Observer", "DTYPES"]
 

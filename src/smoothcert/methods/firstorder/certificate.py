@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import firstorder_stats as fs
-from .firstorder_radii import l2_radius, vertex_radius, zeroth_order_radius
-from .noise import IsotropicGaussian
-from .sampling import sample_counts
-from .smooth import ABSTAIN, dtype_name
-from .stats import clopper_pearson_lower, gap as normal_gap
-from .validation import check_alpha, check_count, check_inputs, check_num_classes, check_positive, check_sample_sizes
+import smoothcert.stats.gradients as fs
+from smoothcert.methods.firstorder.radii import l2_radius, vertex_radius, zeroth_order_radius
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.engine.sampling import sample_counts
+from smoothcert.engine.smooth import ABSTAIN, dtype_name
+from smoothcert.stats.bounds import clopper_pearson_lower, gap as normal_gap
+from smoothcert.validation import (check_alpha, check_count, check_inputs, check_num_classes, check_positive, check_sample_sizes)
 
 __all__ = ["NORMS", "Subspace", "FirstOrderCertificate", "FirstOrderPlan", "certify_first_order"]
 

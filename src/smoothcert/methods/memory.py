@@ -46,9 +46,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .geometry import (CrossPolytope, distances, inscribed_lower, intersects_each, outer_radius, _SHRINK,
-                       _kind, _rounding)
-from .regions import Ball, Ellipsoid, Region
+from smoothcert.geometry.regions import CrossPolytope
+from smoothcert.geometry.distance import distances
+from smoothcert.geometry.tolerances import inscribed_lower, outer_radius, SHRINK, region_kind, rounding_allowance
+from smoothcert.geometry.intersection import intersects_each
+from smoothcert.geometry.regions import Ball, Ellipsoid, Region
 
 __all__ = ["CertificationMemory", "MemoryRecord", "KEPT", "SHRUNK", "ABSTAINED", "fingerprint_of"]
 
@@ -198,7 +200,7 @@ class CertificationMemory:
             return self._finish(MemoryRecord(index, prediction, ABSTAINED, 0.0), None)
         if region is None:
             raise ValueError("region is None for a prediction >= 0: give the certified region (or prediction -1)")
-        _kind(region)
+        region_kind(region)
         if not isinstance(center, torch.Tensor) or center.numel() != region.dim:
             raise ValueError(f"center must be a tensor of the region's d={region.dim} values")
         if self._dim is not None and region.dim != self._dim:
@@ -217,8 +219,8 @@ class CertificationMemory:
         if n:
             dev = self._centers.device
             gap = torch.linalg.vector_norm(self._centers[:n] - x.to(dev), dim=-1)
-            reach = (self._outer[:n] + outer_radius(region)) * (1.0 + _rounding(region.dim))
-            near = (self._pred[:n] != prediction) & (gap <= reach + _rounding(region.dim) * gap)
+            reach = (self._outer[:n] + outer_radius(region)) * (1.0 + rounding_allowance(region.dim))
+            near = (self._pred[:n] != prediction) & (gap <= reach + rounding_allowance(region.dim) * gap)
             cand = torch.nonzero(near).flatten().tolist()
             if cand:
                 others = [self._regions[i] for i in cand]
@@ -227,7 +229,7 @@ class CertificationMemory:
                     return ABSTAINED, None, 0.0
                 meets = intersects_each(region, others).to(dist.device)
                 if bool(meets.any()):
-                    radius = min(inscribed_lower(region), float(dist[meets].min()) * (1.0 - _SHRINK))
+                    radius = min(inscribed_lower(region), float(dist[meets].min()) * (1.0 - SHRINK))
                     return SHRUNK, Ball(x, radius), radius
         return KEPT, region, float(region.inscribed_radius)
 
@@ -283,7 +285,7 @@ class CertificationMemory:
     # --------------------------------------------------------------------------------------- files
 
     def _add_to_chunk(self, index: int, region: Region) -> dict:
-        kind = _kind(region)
+        kind = region_kind(region)
         tensors = {f"{index}/center": region.center}
         if kind != "ball":
             tensors[f"{index}/axes"] = region.axes

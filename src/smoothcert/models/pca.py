@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import register_wrapper, wrap_model
+from smoothcert.models.architectures import register_wrapper, wrap_model
 
 __all__ = ["PCAProjection", "ProjectedModel", "fit_pca", "add_pca"]
 

@@ -19,7 +19,7 @@ EPOCHS = 8
 
 
 def run_demo(out: Path, *, num_inputs: int = 100, n: int = 10_000, retrain: bool = False) -> None:
-    from .cli import main
+    from smoothcert.cli.main import main
 
     out.mkdir(parents=True, exist_ok=True)
     model = out / "mnist-cnn-gaussian"

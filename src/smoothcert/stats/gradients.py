@@ -38,7 +38,7 @@ import torch
 from numpy.typing import ArrayLike
 from scipy import optimize
 
-from .validation import check_alpha, check_count, check_positive
+from smoothcert.validation import check_alpha, check_count, check_positive
 
 __all__ = [
     "KAPPA", "GradientObserver", "product_deviation", "l2_upper", "l2_lower", "linf_upper", "linf_lower",

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..firstorder import NORMS, FirstOrderPlan, Subspace, certify_first_order, parse_norms
-from ..validation import check_positive
-from .base import CertifyMethod, RunContext
+from smoothcert.methods.firstorder.certificate import (NORMS, FirstOrderPlan, Subspace, certify_first_order, parse_norms)
+from smoothcert.validation import check_positive
+from smoothcert.methods.base import CertifyMethod, RunContext
 
 _RADII = tuple(f"radius_{p}{k}_{o}" for p in ("", "sub_") for k in NORMS for o in (0, 1))
 _BOUNDS = ("grad_l2_upper", "grad_l2_lower", "grad_linf_upper", "grad_l1_upper", "grad_sub_l2_upper",

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import model_spec
+from smoothcert.models.architectures import model_spec
 
 __all__ = ["Ensemble", "load_ensemble"]
 
@@ -93,7 +93,7 @@ class Ensemble(nn.Module):
 def load_ensemble(paths: Sequence[str | Path], device: torch.device | str | None = None) -> Ensemble:
     """An :class:`Ensemble` of the checkpoints at ``paths`` (see :func:`smoothcert.checkpoint.load_checkpoint`),
     in eval mode, on ``device`` (default: the CPU)."""
-    from .checkpoint import load_checkpoint
+    from smoothcert.models.checkpoint import load_checkpoint
 
     paths = list(paths)
     if not paths:

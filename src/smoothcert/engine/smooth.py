@@ -22,17 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .noise import IsotropicGaussian, Noise
-from .regions import Region
-from .sampling import DTYPES, sample_counts
-from .stats import binomial_pvalue, clopper_pearson_lower
-from .validation import (
-    check_alpha,
-    check_count,
-    check_inputs,
-    check_num_classes,
-    check_sample_sizes,
-)
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.noise.base import Noise
+from smoothcert.geometry.regions import Region
+from smoothcert.engine.sampling import DTYPES, sample_counts
+from smoothcert.stats.bounds import binomial_pvalue, clopper_pearson_lower
+from smoothcert.validation import check_alpha, check_count, check_inputs, check_num_classes, check_sample_sizes
 
 ABSTAIN = -1
 

@@ -38,7 +38,7 @@ def versions() -> dict[str, str]:
     import numpy
     import scipy
 
-    from . import __version__
+    from smoothcert.version import __version__
 
     return {"smoothcert": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "scipy": scipy.__version__, "python": platform.python_version()}

@@ -6,56 +6,19 @@ Every command validates its arguments before any work starts and says what is al
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
 import torch
 
-from . import methods as _methods
-from .methods import COMMON_COLUMNS, RunContext, method_class
-from .runner import CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, run_dataset, select_indices
-from .sampling import DTYPES, input_generator
-from .smooth import predict
-from .noise import IsotropicGaussian
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks the current accelerator when there is one, else the CPU."""
-    if name == "auto":
-        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-        return acc if acc is not None else torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, or an accelerator such as cuda:0") from e
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_base_classifier(paths: list[str], device: torch.device):
-    """One checkpoint, or several averaged by soft voting (an ensemble); returns (model, config, fingerprint)."""
-    from .checkpoint import load_checkpoint
-
-    loaded = [load_checkpoint(p, device=device) for p in paths]
-    fingerprint = []
-    for p in paths:
-        weights = next(c for c in (Path(p), Path(f"{p}.safetensors")) if c.is_file())
-        fingerprint.append({"path": str(p), "sha256": file_digest(weights)})
-    if len(loaded) == 1:
-        model, config = loaded[0]
-    else:
-        from .ensemble import Ensemble
-
-        model = Ensemble([m for m, _ in loaded])
-        config = {**loaded[0][1], "ensemble": [c for _, c in loaded]}
-    return model.to(device).eval(), config, fingerprint
+from smoothcert.cli.common import load_base_classifier, resolve_device
+from smoothcert.cli.train import add_train_arguments, run_train
+import smoothcert.methods as _methods
+from smoothcert.methods.base import COMMON_COLUMNS, RunContext, method_class
+from smoothcert.cli.runner import CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, run_dataset, select_indices
+from smoothcert.engine.sampling import DTYPES, input_generator
+from smoothcert.engine.smooth import predict
+from smoothcert.noise.gaussian import IsotropicGaussian
 
 
 def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
@@ -91,7 +54,7 @@ COMPILABLE = ("fixed", "first-order")
 
 
 def _setup(args):
-    from .data import load_dataset
+    from smoothcert.data.datasets import load_dataset
 
     device = resolve_device(args.device)
     model, config, fingerprint = load_base_classifier(args.checkpoint, device)
@@ -161,7 +124,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .evaluation import report
+    from smoothcert.evaluation.tables import report
 
     print(report(args.files, radii=args.radii, latex=args.latex, plot=args.plot, labels=args.labels,
                  proxy=args.proxy, baseline=args.baseline))
@@ -169,15 +132,15 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from smoothcert.cli.demo import run_demo
 
     run_demo(Path(args.out), num_inputs=args.inputs, n=args.n, retrain=args.retrain)
     return 0
 
 
 def cmd_plot_regions(args) -> int:
-    from .data import load_dataset
-    from .plotting import plot_regions
+    from smoothcert.data.datasets import load_dataset
+    from smoothcert.evaluation.regions_plot import plot_regions
 
     device = resolve_device(args.device)
     model, config, _ = load_base_classifier(args.checkpoint, device)
@@ -197,8 +160,6 @@ def cmd_plot_regions(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoothcert", description="Certified robustness by randomized smoothing.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    from .training import add_train_arguments, run_train
 
     p = sub.add_parser("train", help="train a base classifier under noise")
     add_train_arguments(p)

@@ -6,6 +6,7 @@ smoothed classifier (with probability at least ``1 - alpha`` over the sampling).
 * :class:`Ball` -- ``{y : ||y - c||_2 <= r}`` (Cohen, DDS).
 * :class:`Ellipsoid` -- ``{c + B (a * u) : ||u||_2 <= 1}`` with orthonormal basis ``B`` (columns) and
   semi-axes ``a`` (ANCER eq. 3.12 with ``B = I``, RANCER eq. 4.4, RDDRS eq. 2).
+* :class:`CrossPolytope` -- the axis-aligned l1 region ``{c + diag(a) v : ||v||_1 <= 1}`` (uniform noise).
 
 Every region reports its inscribed l2 radius (``min a``), its proxy radius (ANCER eq. 3.14: the radius of
 the ball of equal volume, ``exp(mean(log a))``, computed in log space since the product underflows for
@@ -141,3 +142,62 @@ class Ellipsoid(Region):
         safe = torch.where(a > 0, a, torch.ones_like(a))
         scaled = torch.where(a > 0, u / safe, torch.where(u == 0, 0.0, math.inf))
         return (scaled**2).sum(dim=1) <= 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class CrossPolytope(Region):
+    """The axis-aligned l1 region ``{c + diag(a) v : ||v||_1 <= 1} = {y : sum_i |y_i - c_i| / a_i <= 1}``.
+
+    ANCER's l1 certificate (uniform noise, seed 000 section 3.3.3 with p = 1): the "ellipsoid" of the l1 norm.
+    It lies inside the l2 ellipsoid with the same axes (``||v||_2 <= ||v||_1``). A zero semi-axis admits only
+    points with no component along it.
+    """
+
+    center: torch.Tensor
+    semi_axes: torch.Tensor
+
+    def __post_init__(self) -> None:
+        c = self.center.detach().reshape(-1).to(torch.float64)
+        a = self.semi_axes.detach().reshape(-1).to(dtype=torch.float64, device=c.device)
+        if a.numel() != c.numel():
+            raise ValueError(f"an l1 region needs one semi-axis per dimension: {a.numel()} axes for d={c.numel()}")
+        if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+            raise ValueError("an l1 region's semi-axes must be finite and >= 0")
+        object.__setattr__(self, "center", c)
+        object.__setattr__(self, "semi_axes", a)
+
+    @property
+    def axes(self) -> torch.Tensor:
+        return self.semi_axes
+
+    @property
+    def inscribed_radius(self) -> float:
+        """Largest l2 ball inside: the distance ``1 / ||1/a||_2`` from the center to every facet."""
+        a = self.semi_axes
+        if bool((a <= 0).any()):
+            return 0.0
+        return float(1.0 / torch.linalg.vector_norm(1.0 / a))
+
+    @property
+    def proxy_radius(self) -> float:
+        """Radius of the l1 ball with the same volume (ANCER eq. 3.14 with p = 1): ``exp(mean(log a))``."""
+        return super().proxy_radius
+
+    @property
+    def log_volume(self) -> float:
+        """``log(2^d / d! * prod a)``, the volume of a scaled l1 ball."""
+        a = self.semi_axes
+        if bool((a <= 0).any()):
+            return -math.inf
+        return float(torch.log(a).sum()) + self.dim * math.log(2.0) - math.lgamma(self.dim + 1.0)
+
+    def contains(self, points: torch.Tensor) -> torch.Tensor:
+        """Boolean per point (points reshaped to (-1, d))."""
+        y = self._flat(points).abs()
+        a = self.semi_axes
+        safe = torch.where(a > 0, a, torch.ones_like(a))
+        scaled = torch.where(a > 0, y / safe, torch.where(y == 0, 0.0, math.inf))
+        return scaled.sum(dim=1) <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------- helpers

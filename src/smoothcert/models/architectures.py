@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import DATASETS
+from smoothcert.data.datasets import DATASETS
 
 __all__ = [
     "ARCHITECTURES", "WRAPPERS", "Normalize", "MLP", "MnistCNN", "CifarResNet", "cifar_resnet", "arch_arguments",

@@ -1,0 +1,45 @@
+"""What several commands share: the device, the base classifier and its fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from smoothcert.models.checkpoint import load_checkpoint
+from smoothcert.models.ensemble import Ensemble
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks the current accelerator when there is one, else the CPU."""
+    if name == "auto":
+        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return acc if acc is not None else torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, or an accelerator such as cuda:0") from e
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_base_classifier(paths: list[str], device: torch.device):
+    """One checkpoint, or several averaged by soft voting (an ensemble); returns (model, config, fingerprint)."""
+    loaded = [load_checkpoint(p, device=device) for p in paths]
+    fingerprint = []
+    for p in paths:
+        weights = next(c for c in (Path(p), Path(f"{p}.safetensors")) if c.is_file())
+        fingerprint.append({"path": str(p), "sha256": file_digest(weights)})
+    if len(loaded) == 1:
+        model, config = loaded[0]
+    else:
+        model = Ensemble([m for m, _ in loaded])
+        config = {**loaded[0][1], "ensemble": [c for _, c in loaded]}
+    return model.to(device).eval(), config, fingerprint
