@@ -28,8 +28,8 @@ import torch
 from smoothcert.data.datasets import load_dataset
 from smoothcert.methods.hessian import hessian_basis, loss_hessian
 from smoothcert.methods.ancer import optimize_ancer
-from smoothcert.methods.datadependent import cpu_pass_size
-from smoothcert.methods.dds import optimize_dds
+from smoothcert.methods.optimize import cpu_pass_size
+from smoothcert.methods.optimize import optimize_dds
 from smoothcert.methods.rddrs import optimize_rddrs
 from smoothcert.models.architectures import model_for_dataset
 from smoothcert.engine.sampling import input_generator

@@ -9,7 +9,7 @@ from scipy import stats
 from smoothcert.geometry.regions import CrossPolytope
 from smoothcert.methods.base import RunContext
 from smoothcert.methods.ancer import ANCER, anisotropic_objective, optimize_ancer
-from smoothcert.methods.datadependent import mean_probs, objective_gap, standard_draws
+from smoothcert.methods.optimize import mean_probs, objective_gap, standard_draws
 from smoothcert.noise.gaussian import DiagonalGaussian
 from smoothcert.noise.uniform import UniformDiagonal
 

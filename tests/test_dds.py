@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from smoothcert.methods.base import RunContext
-from smoothcert.methods.datadependent import (DataDependentMethod, cpu_pass_size, mean_probs, objective_and_gradient, objective_gap, standard_draws)
-from smoothcert.methods.dds import DDS, optimize_dds
+from smoothcert.methods.datadependent import DataDependentMethod
+from smoothcert.methods.optimize import (cpu_pass_size, mean_probs, objective_and_gradient, objective_gap, standard_draws)
+from smoothcert.methods.dds import DDS
+from smoothcert.methods.optimize import optimize_dds
 from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.engine.sampling import input_generator
 from smoothcert.engine.smooth import certify

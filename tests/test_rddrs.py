@@ -9,7 +9,8 @@ import torch
 
 from smoothcert.methods.base import RunContext
 from smoothcert.methods.ancer import optimize_ancer
-from smoothcert.methods.datadependent import (DataDependentMethod, mean_probs, objective_and_gradient, objective_gap, standard_draws)
+from smoothcert.methods.datadependent import DataDependentMethod
+from smoothcert.methods.optimize import mean_probs, objective_and_gradient, objective_gap, standard_draws
 import smoothcert.methods.rddrs as rddrs_module
 from smoothcert.methods.rddrs import RDDRS, optimize_rddrs, spd_exp
 from smoothcert.noise.gaussian import FullGaussian

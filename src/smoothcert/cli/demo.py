@@ -12,15 +12,16 @@ resumable: interrupt it and run it again.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 SIGMA = 0.25
 EPOCHS = 8
 
 
-def run_demo(out: Path, *, num_inputs: int = 100, n: int = 10_000, retrain: bool = False) -> None:
-    from smoothcert.cli.main import main
-
+def run_demo(main: Callable[[Sequence[str]], int], out: Path, *, num_inputs: int = 100, n: int = 10_000,
+             retrain: bool = False) -> None:
+    """Run the demo through ``main`` (the command line's entry point)."""
     out.mkdir(parents=True, exist_ok=True)
     model = out / "mnist-cnn-gaussian"
     if retrain or not model.with_suffix(".safetensors").exists():

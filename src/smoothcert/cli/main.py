@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from smoothcert.cli.demo import run_demo
 from smoothcert.cli.common import load_base_classifier, resolve_device
 from smoothcert.cli.train import add_train_arguments, run_train
 import smoothcert.methods as _methods
@@ -132,9 +133,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from smoothcert.cli.demo import run_demo
-
-    run_demo(Path(args.out), num_inputs=args.inputs, n=args.n, retrain=args.retrain)
+    run_demo(main, Path(args.out), num_inputs=args.inputs, n=args.n, retrain=args.retrain)
     return 0
 
 

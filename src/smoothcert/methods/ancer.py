@@ -29,7 +29,8 @@ import torch
 from smoothcert.noise.gaussian import DiagonalGaussian
 from smoothcert.noise.uniform import UniformDiagonal
 from smoothcert.methods.base import RunContext
-from smoothcert.methods.datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots, classes_of, expand_rows, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from smoothcert.methods.datadependent import Choice, DataDependentMethod
+from smoothcert.methods.optimize import (OptimizationResult, check_stage, check_optimizer_arguments, class_slots, classes_of, expand_rows, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
 
 __all__ = ["optimize_ancer", "ANCER", "anisotropic_objective"]
 
@@ -121,7 +122,7 @@ class ANCER(DataDependentMethod):
 
     def __init__(self, sigma: float, *, steps: int = 100, lr: float = 0.04, kappa: float = 2.0, **common: Any):
         super().__init__(sigma, **common)
-        _check_stage(steps, lr, kappa)
+        check_stage(steps, lr, kappa)
         self.steps, self.lr, self.kappa = steps, float(lr), float(kappa)
 
     @classmethod
@@ -156,11 +157,3 @@ class ANCER(DataDependentMethod):
             theta = result.params[i].reshape(x.shape[1:])
             choices.append(Choice(self.make_noise(theta), {"scale_iso": float(iso.params[i])}))
         return choices
-
-
-def _check_stage(steps: int, lr: float, kappa: float) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    for label, value in (("learning rate", lr), ("kappa", kappa)):
-        if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-            raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")

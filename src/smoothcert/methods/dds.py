@@ -16,71 +16,17 @@ half-width ``lambda`` of uniform noise ``U[-lambda, lambda]^d`` (start ``sqrt(3)
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.noise.uniform import UniformDiagonal
 from smoothcert.methods.base import RunContext
-from smoothcert.methods.datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots, classes_of, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from smoothcert.methods.datadependent import Choice, DataDependentMethod
+from smoothcert.methods.optimize import optimize_dds
 
 __all__ = ["optimize_dds", "DDS"]
-
-
-def optimize_dds(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    scale0: float | torch.Tensor,
-    *,
-    generators: Sequence[torch.Generator | None],
-    steps: int = 900,
-    lr: float = 0.04,
-    samples: int = 100,
-    family: str = "gaussian",
-    gap: str = "pa",
-    min_scale: float | None = None,
-    classes: torch.Tensor | None = None,
-    max_batch: int | None = None,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
-) -> OptimizationResult:
-    """Gradient ascent on ``scale * gap`` for every input of ``x`` (B, *shape) at once (seed 000 eq. 3.7).
-
-    ``scale0``: the start (sigma of Gaussian noise, half-width of uniform noise), scalar or (B,). The scale
-    stays >= ``min_scale`` (default ``scale0 / 100``). ``generators``: one per input (the optimization stream).
-    ``classes``: the class ``c_A`` per input (default: the top class of the averaged softmax at the start).
-    ``callback(step, scale)`` sees the scales after every update. Returns the (B,) scales.
-    """
-    check_optimizer_arguments(x, generators, steps, lr, samples, family, gap)
-    b, shape = x.shape[0], tuple(x.shape[1:])
-    x = x.detach().float()
-    scale = torch.as_tensor(scale0, dtype=torch.float32, device=x.device).expand(b).clone()
-    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-        raise ValueError("the starting scale (sigma_0, or the uniform half-width) must be finite and > 0")
-    floor = (scale / 100.0) if min_scale is None else torch.full_like(scale, float(min_scale))
-    scale.requires_grad_(True)
-    finite = torch.ones(b, dtype=torch.bool, device=x.device)
-    history = []
-    slots = class_slots(classes, b, x.device)
-
-    def perturb(w: torch.Tensor, rows: slice) -> torch.Tensor:
-        return w * scale[rows].view(-1, *([1] * (w.ndim - 1)))
-
-    def objective(probs: torch.Tensor, rows: slice) -> torch.Tensor:
-        return scale[rows] * objective_gap(probs, classes_of(slots, probs, rows), family, gap)
-
-    for step in range(steps):
-        w = standard_draws(generators, samples, shape, family, x.device)
-        obj, (grad,) = objective_and_gradient(model, x, w, perturb, objective, [scale], max_batch)
-        finite &= rows_finite(obj, grad)
-        history.append(obj)
-        with torch.no_grad():
-            scale.add_(torch.where(finite, lr * grad, torch.zeros_like(grad)))
-            scale.copy_(torch.maximum(scale, floor))
-        if callback is not None:
-            callback(step, scale.detach())
-    return finish_optimization(scale, finite, history, slots, lambda: mean_probs(
-        model, x, standard_draws(generators, samples, shape, family, x.device), perturb, max_batch))
 
 
 class DDS(DataDependentMethod):

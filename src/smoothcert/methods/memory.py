@@ -46,11 +46,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from smoothcert.geometry.regions import CrossPolytope
 from smoothcert.geometry.distance import distances
-from smoothcert.geometry.tolerances import inscribed_lower, outer_radius, SHRINK, region_kind, rounding_allowance
+from smoothcert.geometry.tolerances import SHRINK, inscribed_lower, outer_radius, region_kind, rounding_allowance
 from smoothcert.geometry.intersection import intersects_each
-from smoothcert.geometry.regions import Ball, Ellipsoid, Region
+from smoothcert.geometry.regions import Ball, Region
+from smoothcert.methods.memory_files import atomic_write, fsync_replace, own_copy, rebuild_region
 
 __all__ = ["CertificationMemory", "MemoryRecord", "KEPT", "SHRUNK", "ABSTAINED", "fingerprint_of"]
 
@@ -98,7 +98,7 @@ class CertificationMemory:
                                  "CertificationMemory.open(path, run_fingerprint) or choose a fresh folder")
             self._path.mkdir(parents=True, exist_ok=True)
             header = {"format": _FORMAT, "fingerprint": self.fingerprint, "order": self.order}
-            _atomic_write(self._path / _HEADER, json.dumps(header).encode())
+            atomic_write(self._path / _HEADER, json.dumps(header).encode())
             (self._path / _RECORDS).touch()
 
     def _setup(self, fingerprint, order, path, autosave, chunk_bytes, device) -> None:
@@ -175,7 +175,7 @@ class CertificationMemory:
                     spec = rec["region"]
                     if spec["chunk"] not in chunks:
                         chunks[spec["chunk"]] = load_file(self._path / spec["chunk"], device=str(device))
-                    region = _rebuild(spec, chunks[spec["chunk"]], index)
+                    region = rebuild_region(spec, chunks[spec["chunk"]], index)
             except (ValueError, KeyError, TypeError, OSError) as err:
                 raise ValueError(f"{log} line {number} is corrupt or out of order: {err}") from err
             self._commit(MemoryRecord(index, int(rec["prediction"]), rec["action"], float(rec["radius"])), region)
@@ -211,7 +211,7 @@ class CertificationMemory:
             raise ValueError("center is not the region's center: memory certification needs the region around "
                              "the input it certifies")
         action, kept, radius = self._decide(prediction, region)
-        return self._finish(MemoryRecord(index, prediction, action, radius), None if kept is None else _own(kept))
+        return self._finish(MemoryRecord(index, prediction, action, radius), None if kept is None else own_copy(kept))
 
     def _decide(self, prediction: int, region: Region) -> tuple[str, Region | None, float]:
         x = region.center
@@ -310,7 +310,7 @@ class CertificationMemory:
             name = self._path / f"regions-{self._chunk_id:05d}.safetensors"
             tmp = name.with_suffix(".tmp")
             save_file(self._chunk, str(tmp))
-            _fsync_replace(tmp, name)
+            fsync_replace(tmp, name)
             self._chunk_dirty = False
         lines = "".join(json.dumps(p) + "\n" for p in self._pending).encode()
         with open(self._path / _RECORDS, "ab") as fh:
@@ -380,39 +380,3 @@ def _as_prediction(prediction) -> int:
     except TypeError:
         raise TypeError(f"prediction must be an integer class (-1 for abstain), got {type(prediction).__name__}") \
             from None
-
-
-def _own(region: Region) -> Region:
-    """A copy whose center and axes share no storage with the caller's tensors (a basis is shared, not copied)."""
-    if isinstance(region, Ball):
-        return Ball(region.center.clone(), float(region.radius))
-    if isinstance(region, CrossPolytope):
-        return CrossPolytope(region.center.clone(), region.semi_axes.clone())
-    return Ellipsoid(region.center.clone(), region.semi_axes.clone(), region.basis)  # type: ignore[attr-defined]
-
-
-def _rebuild(spec: dict, chunk: dict[str, torch.Tensor], index: int) -> Region:
-    center = chunk[f"{index}/center"]
-    if spec["kind"] == "ball":
-        return Ball(center, float(spec["radius"]))
-    axes = chunk[f"{index}/axes"]
-    if spec["kind"] == "l1":
-        return CrossPolytope(center, axes)
-    if spec["kind"] == "ellipsoid":
-        return Ellipsoid(center, axes, chunk[f"{index}/basis"] if spec["basis"] else None)
-    raise ValueError(f"unknown region kind {spec['kind']!r}")
-
-
-def _fsync_replace(tmp: Path, target: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    tmp = target.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)

@@ -34,7 +34,8 @@ from smoothcert.engine.sampling import sample_counts
 from smoothcert.stats.bounds import gap as normal_gap
 from smoothcert.methods.ancer import ANCER, optimize_ancer
 from smoothcert.methods.base import RunContext, argument_group_once
-from smoothcert.methods.datadependent import CLAMP, Choice
+from smoothcert.methods.optimize import CLAMP
+from smoothcert.methods.datadependent import Choice
 
 __all__ = ["RANCER", "RANCERBest"]
 

@@ -37,7 +37,8 @@ import torch
 
 from smoothcert.noise.gaussian import FullGaussian
 from smoothcert.methods.base import RunContext, argument_group_once
-from smoothcert.methods.datadependent import (Choice, DataDependentMethod, OptimizationResult, check_optimizer_arguments, class_slots, classes_of, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from smoothcert.methods.datadependent import Choice, DataDependentMethod
+from smoothcert.methods.optimize import (OptimizationResult, check_stage, check_optimizer_arguments, class_slots, classes_of, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
 
 __all__ = ["optimize_rddrs", "spd_exp", "RDDRS"]
 
@@ -170,9 +171,7 @@ class RDDRS(DataDependentMethod):
     def __init__(self, sigma: float, *, steps: int = 100, lr: float = 1.0, rddrs_samples: int = 1000,
                  kappa: float = 1e-6, **common: Any):
         super().__init__(sigma, **common)
-        from smoothcert.methods.ancer import _check_stage
-
-        _check_stage(steps, lr, kappa)
+        check_stage(steps, lr, kappa)
         if isinstance(rddrs_samples, bool) or not isinstance(rddrs_samples, int) or rddrs_samples < 1:
             raise ValueError(f"--rddrs-samples must be an integer >= 1, got {rddrs_samples!r}")
         self.steps, self.lr, self.rddrs_samples, self.kappa = steps, float(lr), rddrs_samples, float(kappa)

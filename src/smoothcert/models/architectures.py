@@ -224,13 +224,13 @@ register_arch("resnet20")(_resnet_builder(20))
 register_arch("resnet110")(_resnet_builder(110))
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
         return value.item()
     return value
@@ -250,7 +250,7 @@ def arch_arguments(arch: str, **config: Any) -> dict[str, Any]:
         allowed = ", ".join(p for p in signature.parameters)
         raise ValueError(f"bad arguments for architecture {arch!r} ({err}); allowed: {allowed}") from None
     bound.apply_defaults()
-    return _jsonable(dict(bound.arguments))
+    return jsonable(dict(bound.arguments))
 
 
 def build_model(arch: str, **config: Any) -> nn.Module:
@@ -279,7 +279,7 @@ def wrap_model(model: nn.Module, kind: str, **params: Any) -> nn.Module:
     spec = model_spec(model)
     wrapped = WRAPPERS[kind](model, **params)
     if spec is not None:
-        spec["wrappers"].append({"kind": kind, **_jsonable(params)})
+        spec["wrappers"].append({"kind": kind, **jsonable(params)})
         setattr(wrapped, SPEC_ATTR, spec)
     return wrapped
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from smoothcert.models.architectures import Normalize, _jsonable, arch_arguments, model_from_spec, model_spec
+from smoothcert.models.architectures import Normalize, jsonable, arch_arguments, model_from_spec, model_spec
 
 __all__ = ["save_checkpoint", "load_checkpoint", "FORMAT_VERSION"]
 
@@ -79,7 +79,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: dict[str,
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     record: dict[str, Any] = {"format_version": FORMAT_VERSION, "wrappers": []}
     record.update(model_spec(model) or {})
-    record.update(_jsonable(config or {}))
+    record.update(jsonable(config or {}))
     kwargs = record.get("arch_kwargs")
     if "arch" not in record or not isinstance(kwargs, dict):
         raise ValueError("cannot tell how to rebuild this model: build it with smoothcert.models.build_model or "
@@ -87,7 +87,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: dict[str,
     kwargs = record["arch_kwargs"] = arch_arguments(record["arch"], **kwargs)  # complete and check them
     for key in ("num_classes", "input_shape"):  # config, else what the model declares, else its arch's
         declared = getattr(model, key, None)
-        record.setdefault(key, _jsonable(declared) if declared is not None else kwargs.get(key))
+        record.setdefault(key, jsonable(declared) if declared is not None else kwargs.get(key))
         if record[key] is None:
             raise ValueError(f"config needs {key!r} (not found in it nor in arch_kwargs)")
     record["smoothcert_version"] = _version()

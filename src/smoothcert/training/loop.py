@@ -31,11 +31,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from smoothcert.training.objectives import OBJECTIVES, Objective, make_objective
+from smoothcert.training.objectives import Objective, make_objective
 from smoothcert.engine.sampling import input_generator
 from smoothcert.validation import check_count, check_positive
 
-__all__ = ["train", "noisy_accuracy", "learning_rate", "add_train_arguments", "run_train", "LOG_COLUMNS",
+__all__ = ["train", "noisy_accuracy", "learning_rate", "LOG_COLUMNS",
            "SCHEDULES", "OPTIMIZERS"]
 
 LOG_COLUMNS = ("epoch", "loss", "train_acc", "val_noisy_acc", "lr", "seconds")

@@ -1,0 +1,135 @@
+"""Subspaces of the input space for first-order subspace certificates (seed 004 Corollary 3.4, Definition 1)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Subspace"]
+
+
+class Subspace:
+    """A linear subspace ``S`` of the flattened input space (seed 004 Corollary 3.4, Definition 1).
+
+    ``spec`` is one of
+      * ``"coords:0-99,200,300-310"``: coordinates of the flattened input (``x.reshape(-1)``), ranges inclusive;
+      * ``"channel:0"`` / ``"channel:0,2"``: every coordinate of those channels of a ``(C, ...)`` input;
+      * a path to a ``.npy`` or ``.pt`` file (optionally prefixed ``"file:"``) holding either a ``(d, k)`` matrix
+        with orthonormal columns (a basis of ``S``) or the ``(d, d)`` orthogonal projection ``P_S``;
+      * a ``(d, k)`` array / tensor with orthonormal columns, or a sequence of coordinates.
+
+    l_p norms "in the subspace" are those of the coordinates in this orthonormal basis (for coordinate
+    subspaces: of the selected coordinates themselves).
+    """
+
+    def __init__(self, spec):
+        self.spec = spec if isinstance(spec, str) else "matrix" if hasattr(spec, "shape") else "coords"
+        self._indices: np.ndarray | None = None
+        self._channels: np.ndarray | None = None
+        self._basis: np.ndarray | None = None
+        if isinstance(spec, str):
+            self._parse(spec.strip())
+        elif isinstance(spec, (np.ndarray, torch.Tensor)):
+            self._basis = self._as_basis(np.asarray(torch.as_tensor(spec).detach().cpu(), dtype=np.float64))
+        else:
+            self._indices = self._unique("coordinates", [int(i) for i in spec])
+
+    @staticmethod
+    def _unique(what: str, values) -> np.ndarray:
+        arr = np.unique(np.asarray(values, dtype=np.int64))
+        if arr.size == 0:
+            raise ValueError(f"the subspace is empty: give at least one of its {what}")
+        if arr[0] < 0:
+            raise ValueError(f"subspace {what} must be >= 0, got {int(arr[0])}")
+        return arr
+
+    @staticmethod
+    def _ranges(text: str) -> list[int]:
+        out: list[int] = []
+        for part in (p.strip() for p in text.split(",")):
+            m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            if not m:
+                raise ValueError(f"cannot read {part!r} in subspace spec: use indices and inclusive ranges "
+                                 "like '0-99,150'")
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            if hi < lo:
+                raise ValueError(f"empty range {part!r} in subspace spec")
+            out.extend(range(lo, hi + 1))
+        return out
+
+    def _parse(self, spec: str) -> None:
+        kind, _, rest = spec.partition(":")
+        kind = kind.lower()
+        if kind in ("coords", "coord", "coordinates") and rest:
+            self._indices = self._unique("coordinates", self._ranges(rest))
+        elif kind in ("channel", "channels") and rest:
+            self._channels = self._unique("channels", self._ranges(rest))
+        elif kind == "file" and rest or spec.endswith((".npy", ".pt")):
+            self._basis = self._as_basis(self._load(Path(rest if kind == "file" else spec)))
+        else:
+            raise ValueError(f"unknown subspace spec {spec!r}: use 'coords:0-99,...', 'channel:C', or a .npy/.pt "
+                             "file with a (d, k) orthonormal basis or a (d, d) projection matrix")
+
+    @staticmethod
+    def _load(path: Path) -> np.ndarray:
+        if not path.is_file():
+            raise ValueError(f"subspace file {str(path)!r} does not exist")
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False).astype(np.float64)
+        if path.suffix == ".pt":
+            return torch.load(path, map_location="cpu", weights_only=True).detach().double().numpy()
+        raise ValueError(f"subspace file must be .npy or .pt, got {str(path)!r}")
+
+    @staticmethod
+    def _as_basis(m: np.ndarray) -> np.ndarray:
+        if m.ndim != 2 or m.size == 0 or not np.all(np.isfinite(m)):
+            raise ValueError(f"a subspace matrix must be a finite 2-D array, got shape {m.shape}")
+        d, k = m.shape
+        if d == k and np.allclose(m, m.T, atol=1e-8) and np.allclose(m @ m, m, atol=1e-6):
+            vals, vecs = np.linalg.eigh(m)
+            basis = vecs[:, vals > 0.5]
+            if basis.shape[1] == 0:
+                raise ValueError("the projection matrix is zero: the subspace is empty")
+            return basis
+        if k <= d and np.allclose(m.T @ m, np.eye(k), atol=1e-6):
+            return m
+        raise ValueError(f"a subspace matrix must be a (d, k) basis with orthonormal columns or a (d, d) orthogonal "
+                         f"projection (symmetric, idempotent); got shape {m.shape} that is neither")
+
+    def resolve(self, input_shape: Sequence[int]) -> np.ndarray:
+        """Check the subspace against ``input_shape``; return its coordinate indices or its ``(d, k)`` basis."""
+        shape = tuple(int(s) for s in input_shape)
+        d = math.prod(shape)
+        if self._channels is not None:
+            if len(shape) < 2:
+                raise ValueError(f"'channel:' needs inputs shaped (C, ...), got {shape}")
+            if self._channels[-1] >= shape[0]:
+                raise ValueError(f"channel {int(self._channels[-1])} is out of range for inputs with {shape[0]} "
+                                 f"channels (shape {shape})")
+            per = d // shape[0]
+            return (self._channels[:, None] * per + np.arange(per)[None]).ravel()
+        if self._indices is not None:
+            if self._indices[-1] >= d:
+                raise ValueError(f"subspace coordinate {int(self._indices[-1])} is out of range: inputs have "
+                                 f"{d} coordinates (shape {shape}), allowed 0..{d - 1}")
+            return self._indices
+        if self._basis.shape[0] != d:
+            raise ValueError(f"the subspace basis has {self._basis.shape[0]} rows but inputs have {d} coordinates")
+        return self._basis
+
+    def coordinates(self, vectors: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
+        """Coordinates ``Q^T v`` of rows ``v`` of ``vectors`` (B, d) in the subspace's orthonormal basis ``Q``."""
+        sel = self.resolve(input_shape)
+        return vectors[:, sel] if sel.ndim == 1 else vectors @ sel
+
+    def dim(self, input_shape: Sequence[int]) -> int:
+        sel = self.resolve(input_shape)
+        return int(sel.shape[0] if sel.ndim == 1 else sel.shape[1])
+
+    def __repr__(self) -> str:
+        return f"Subspace({self.spec!r})"
