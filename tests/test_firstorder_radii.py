@@ -144,3 +144,144 @@ def test_bad_input():
     with pytest.raises(ValueError):
         l2_interval(0.8, 0.5)
     assert math.isfinite(directional_radius(0.9, -0.1, 0.1))
+
+
+# ------------------------------------------------------------------------------ near Cohen's threshold (Cor. 3.1)
+
+def _exact_cor_3_1(q: float, m: float, dps: int = 30) -> float:
+    """Corollary 3.1's radius for the float inputs taken exactly, in ``dps``-digit arithmetic (mpmath).
+
+    Both roots are found by bisection on brackets whose signs are checked: ``w2`` from
+    ``phi(Phi^-1(q + Phi(w2))) - phi(w2) = m`` (decreasing in ``w2``), then ``r`` from
+    ``Phi(w1 - r) - Phi(w2 - r) = 1/2`` (decreasing for ``r >= 0``). Cohen's ``Phi^-1(q)`` when
+    ``m >= phi(Phi^-1(q))`` (no admissible root).
+    """
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(dps):
+        qq, mm = mpmath.mpf(q), mpmath.mpf(m)
+
+        def ppf(p):
+            return mpmath.sqrt(2) * mpmath.erfinv(2 * p - 1)
+
+        def bisect(f, lo, hi):
+            flo, fhi = f(lo), f(hi)
+            assert flo > 0 > fhi, "bracket without a sign change"
+            for _ in range(4 * dps):
+                mid = (lo + hi) / 2
+                if f(mid) > 0:
+                    lo = mid
+                else:
+                    hi = mid
+            return lo, hi
+
+        g0 = ppf(qq)
+        if mm >= mpmath.npdf(g0):
+            return float(g0)
+        upper = lambda a: ppf(qq + mpmath.ncdf(a))  # noqa: E731
+        lo = mpmath.mpf(-60)
+        hi = -g0 - mpmath.mpf("1e-3")
+        w2, _ = bisect(lambda a: mpmath.npdf(upper(a)) - mpmath.npdf(a) - mm, lo, hi)
+        w1 = upper(w2)
+        _, r_hi = bisect(lambda r: mpmath.ncdf(w1 - r) - mpmath.ncdf(w2 - r) - mpmath.mpf(0.5), g0 - 1, w1 + 1)
+        # the end of the final bracket where the half-level is already crossed: not below the root
+        return float(r_hi)
+
+
+NEAR_Q = [0.51, 0.6, 0.8, 0.9, 0.99, 0.9999]
+NEAR_REL = [1e-4, 1e-6, 1e-7, 3e-8, 1e-8, 1e-10, 1e-12, 0.0, -1e-12, -1e-8, -1e-4]
+
+
+def _near_threshold_grid():
+    """``(q, m)`` approaching ``m* = phi(Phi^-1(q))`` from below and above, plus the few floats just below it."""
+    for q in NEAR_Q:
+        threshold = float(stats.norm.pdf(stats.norm.ppf(q)))
+        for rel in NEAR_REL:
+            yield q, threshold * (1.0 - rel)
+        m = threshold
+        for _ in range(3):
+            m = float(np.nextafter(m, 0.0))
+            yield q, m
+
+
+@pytest.mark.parametrize("q", NEAR_Q)
+def test_l2_radius_near_cohens_threshold_is_certified_and_tight(q):
+    for qq, m in _near_threshold_grid():
+        if qq != q:
+            continue
+        r = l2_radius(q, m)  # never raises
+        r0 = zeroth_order_radius(q)
+        exact = _exact_cor_3_1(q, m)
+        assert r >= r0
+        # never above the exact radius (Cohen's fallback up to the rounding of Phi^-1 itself)
+        assert r <= exact * (1.0 + 4 * np.finfo(float).eps), (q, m, r, exact)
+        # and not loose: within the certification margin's effect (a few 1e-9) of the exact radius
+        assert exact - r <= 1e-7, (q, m, r, exact)
+        if exact - r0 > 1e-7:
+            assert r > r0
+
+
+def test_l2_radius_random_scan_near_threshold_never_raises():
+    rng = np.random.default_rng(20240613)
+    qs = rng.uniform(0.5001, 0.99999, 200)
+    rels = 10.0 ** rng.uniform(-13, -4, 200) * rng.choice([-1.0, 1.0], 200, p=[0.2, 0.8])
+    for q, rel in zip(qs, rels):
+        m = float(stats.norm.pdf(stats.norm.ppf(q))) * (1.0 - rel)
+        r = l2_radius(q, m)
+        r0 = zeroth_order_radius(q)
+        assert r0 <= r <= r0 + 1e-3  # m this close to the threshold leaves almost Cohen's radius
+        assert vertex_radius(q, m, 0.5 * m) == r
+
+
+def test_l2_radius_returns_only_certified_radii(monkeypatch):
+    """With a stricter certificate the candidate root fails it; the radius returned must pass it (no give-up exit)."""
+    import smoothcert.methods.firstorder.radii as radii
+
+    exact_bound = radii._interval_bound
+    penalty = 1e-3
+
+    def stricter(a, b, q, m, r):
+        return exact_bound(a, b, q, m, r) - penalty
+
+    monkeypatch.setattr(radii, "_interval_bound", stricter)
+    for q, m in [(0.8, 0.1), (0.9, 0.05), (0.6, 0.3), (0.99, 0.01)]:
+        loose = _exact_cor_3_1(q, m)
+        r = radii.l2_radius(q, m)
+        r0 = zeroth_order_radius(q)
+        assert r0 <= r < loose
+        if r > r0:
+            assert stricter(*l2_interval(q, m), q, m, r) >= 0.5 + radii.MARGIN
+        # close to the largest radius that passes: a little further fails
+        assert stricter(*l2_interval(q, m), q, m, r + 1e-6) < 0.5 + radii.MARGIN
+
+
+@pytest.mark.parametrize("q", [0.6, 0.9, 0.99])
+def test_vertex_radius_near_cohens_threshold(q):
+    r0 = zeroth_order_radius(q)
+    threshold = float(stats.norm.pdf(stats.norm.ppf(q)))
+    for rel in [1e-4, 1e-8, 1e-12, 0.0, -1e-8]:
+        b = threshold * (1.0 - rel)
+        for low in (0.0, 0.5 * b, b):  # no perpendicular part: Corollary 3.1 with m = dual_bound
+            r = vertex_radius(q, b, low)
+            assert r == l2_radius(q, b)
+            assert r0 <= r <= _exact_cor_3_1(q, b) * (1.0 + 4 * np.finfo(float).eps)
+
+
+@pytest.mark.parametrize("rel", [1e-8, 0.0])
+def test_vertex_radius_with_perpendicular_part_near_threshold(rel):
+    """Theorem 3 path: certified, so the brute-force LP (an upper bound of the program's minimum) exceeds 1/2."""
+    q = 0.9
+    b = float(stats.norm.pdf(stats.norm.ppf(q))) * (1.0 - rel)
+    r = vertex_radius(q, b, 1.2 * b)
+    assert r >= zeroth_order_radius(q)
+    assert _lp_brute_force(q, -b, math.sqrt(0.44) * b, r) > 0.5
+
+
+def test_l2_interval_near_threshold_is_a_clear_error_or_a_root():
+    for q, m in _near_threshold_grid():
+        try:
+            w2, w1 = l2_interval(q, m)
+        except ValueError as err:
+            assert "phi(Phi^-1(q))" in str(err)
+            continue
+        assert stats.norm.cdf(w1) - stats.norm.cdf(w2) == pytest.approx(q, abs=1e-12)
+        assert stats.norm.pdf(w1) - stats.norm.pdf(w2) == pytest.approx(m, abs=1e-12)

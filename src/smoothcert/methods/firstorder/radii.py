@@ -81,26 +81,45 @@ def zeroth_order_radius(q: float) -> float:
 
 # ---------------------------------------------------------------------------------------------- l2 (Cor 3.1)
 
-def l2_interval(q: float, m: float) -> tuple[float, float]:
-    """The worst-case interval ``[w2, w1]`` of Corollary 3.1: ``Phi(w1) - Phi(w2) = q``, ``phi(w1) - phi(w2) = m``.
+def _interval(q: float, m: float) -> tuple[float, float] | None:
+    """``(w2, w1)`` of :func:`l2_interval` for valid ``q, m``; None when float64 cannot resolve it.
 
-    Requires ``1/2 < q < 1`` and ``0 <= m < phi(Phi^-1(q))``. With ``w2 = A``, ``w1 = B(A) = Phi^-1(q + Phi(A))``
-    the function ``phi(B) - phi(A)`` decreases strictly in ``A`` (derivative ``phi(A) (A - B) < 0``) from
-    ``phi(Phi^-1(q))`` to ``-phi(Phi^-1(q))``, so the root is unique and bracketed.
+    Within a few ulps of ``m = phi(Phi^-1(q))`` the root ``w2`` runs off to ``-inf`` (the limit is Cohen's
+    half-line ``(-inf, Phi^-1(q)]``) and the bracket's ends no longer differ in sign.
     """
-    q = _check_q(q)
-    m = _check_nonneg("m (upper bound of sigma ||grad g||_2)", m)
     g0 = float(stats.norm.ppf(q))
-    if not (0.5 < q < 1.0) or m >= stats.norm.pdf(g0):
-        raise ValueError(f"need 1/2 < q < 1 and m < phi(Phi^-1(q)); got q={q}, m={m}")
     tail = float(stats.norm.sf(g0))
 
     def upper(a: float) -> float:
         return float(stats.norm.isf(max(tail - stats.norm.cdf(a), 0.0)))
 
-    a = optimize.brentq(lambda a: stats.norm.pdf(upper(a)) - stats.norm.pdf(a) - m, -40.0, -g0,
-                        xtol=1e-14, rtol=1e-15)
+    def moment_excess(a: float) -> float:
+        return float(stats.norm.pdf(upper(a)) - stats.norm.pdf(a) - m)
+
+    lo, hi = -40.0, -g0
+    if not (moment_excess(lo) > 0.0 > moment_excess(hi)):
+        return None
+    a = optimize.brentq(moment_excess, lo, hi, xtol=1e-14, rtol=1e-15)
     return float(a), upper(a)
+
+
+def l2_interval(q: float, m: float) -> tuple[float, float]:
+    """The worst-case interval ``[w2, w1]`` of Corollary 3.1: ``Phi(w1) - Phi(w2) = q``, ``phi(w1) - phi(w2) = m``.
+
+    Requires ``1/2 < q < 1`` and ``0 <= m < phi(Phi^-1(q))``. With ``w2 = A``, ``w1 = B(A) = Phi^-1(q + Phi(A))``
+    the function ``phi(B) - phi(A)`` decreases strictly in ``A`` (derivative ``phi(A) (A - B) < 0``) from
+    ``phi(Phi^-1(q))`` to ``-phi(Phi^-1(q))``, so the root is unique and bracketed. A ValueError also when ``m``
+    lies within float64 rounding of ``phi(Phi^-1(q))``, where ``w2`` is not resolvable.
+    """
+    q = _check_q(q)
+    m = _check_nonneg("m (upper bound of sigma ||grad g||_2)", m)
+    if not (0.5 < q < 1.0) or m >= stats.norm.pdf(stats.norm.ppf(q)):
+        raise ValueError(f"need 1/2 < q < 1 and m < phi(Phi^-1(q)); got q={q}, m={m}")
+    interval = _interval(q, m)
+    if interval is None:
+        raise ValueError(f"m={m!r} lies within float64 rounding of phi(Phi^-1(q))={stats.norm.pdf(stats.norm.ppf(q))!r}"
+                         f" (q={q}): w2 is not resolvable; give a smaller m")
+    return interval
 
 
 def _interval_bound(a: float, b: float, q: float, m: float, r: float) -> float:
@@ -124,30 +143,47 @@ def l2_radius(q: float, m: float) -> float:
     """Corollary 3.1: normalized first-order l2 radius from ``q <= g(x)`` and ``m >= sigma ||grad g(x)||_2``.
 
     Solves eq. 6-7 (see :func:`l2_interval`); ``Phi(w1 - r) - Phi(w2 - r)`` decreases for ``r >= 0`` (the interval
-    is centred at ``(w1 + w2) / 2 <= 0``), so the root is bracketed in ``[Phi^-1(q), w1 + 1]``. The returned ``r``
-    is checked with the exact dual value and moved down until that value exceeds ``1/2``. Falls back to Cohen's
-    radius when ``m >= phi(Phi^-1(q))`` (no admissible root). Never below :func:`zeroth_order_radius`.
+    is centred at ``(w1 + w2) / 2 <= 0``), so the root, taken ``2 MARGIN`` above 1/2, is bracketed in
+    ``[Phi^-1(q), w1 + 1]``. A radius is returned only once certified: its exact dual value
+    (:func:`_interval_bound`, weak duality) must reach ``1/2 + MARGIN``; otherwise bisection between Cohen's
+    radius (certified by the zeroth-order theorem) and the candidate keeps the largest certified ``r``. So the
+    result never exceeds the exact Corollary 3.1 radius. Cohen's radius ``Phi^-1(q)`` is returned when
+    ``m >= phi(Phi^-1(q))`` (no admissible root) and when the first-order system degenerates near that
+    threshold (``w2`` not resolvable in float64, or a gain below the ``MARGIN`` resolution). Never below
+    :func:`zeroth_order_radius`.
     """
     q = _check_q(q)
     m = _check_nonneg("m (upper bound of sigma ||grad g||_2)", m)
-    r0 = zeroth_order_radius(q)
-    if q <= 0.5 or q >= 1.0 or m >= stats.norm.pdf(r0):
-        return min(r0, R_MAX)
-    a, b = l2_interval(q, m)
+    r0 = min(zeroth_order_radius(q), R_MAX)
+    if q <= 0.5 or q >= 1.0 or m >= stats.norm.pdf(stats.norm.ppf(q)):
+        return r0
+    interval = _interval(q, m)
+    if interval is None:
+        return r0
+    a, b = interval
 
     def excess(r: float) -> float:
         return stats.norm.cdf(b - r) - stats.norm.cdf(a - r) - 0.5 - 2.0 * MARGIN
 
+    def certified(r: float) -> bool:
+        return _interval_bound(a, b, q, m, r) >= 0.5 + MARGIN
+
+    if not excess(r0) > 0.0:  # the first-order gain is below the certification margin
+        return r0
     hi = min(b + 1.0, R_MAX)
-    if excess(hi) > 0:
-        r = hi
-    else:
-        r = optimize.brentq(excess, r0, hi, xtol=1e-12, rtol=1e-12)
-    for _ in range(60):
-        if r <= r0 or _interval_bound(a, b, q, m, r) >= 0.5 + MARGIN:
+    r = hi if excess(hi) > 0 else optimize.brentq(excess, r0, hi, xtol=1e-12, rtol=1e-12)
+    if certified(r):
+        return float(r)
+    lo = r0  # certified (Cohen); every update of lo is certified too
+    for _ in range(100):
+        mid = 0.5 * (lo + r)
+        if not lo < mid < r:
             break
-        r = r0 + (r - r0) * (1 - 1e-6) - 1e-9
-    return float(max(r, r0))
+        if certified(mid):
+            lo = mid
+        else:
+            r = mid
+    return float(lo)
 
 
 # --------------------------------------------------------------------------------------- Theorem 3 (general)
