@@ -61,7 +61,9 @@ def test_ascent_raises_the_radius_and_keeps_the_floor():
     assert all(bool((s >= 0.12 / 100).all()) for s in seen) and len(seen) == 150
     start = radius_estimate(model, x, torch.tensor([0.12, 0.12]), result.classes)
     end = radius_estimate(model, x, result.params, result.classes)
-    assert (end > start + 0.02).all(), (start, end)
+    # the ascent gains about 0.02 at both inputs (0.018-0.021 over run seeds 0-3); 0.01 is over 6 standard
+    # errors of the 20,000-sample estimates (sigma sqrt(p (1 - p) / n) / phi(Phi^-1(p)) <= 0.0012 each)
+    assert (end > start + 0.01).all(), (start, end)
     # the optimum of sigma * Phi^-1(p) for this ellipse (minor semi-axis 0.15) lies near sigma = 0.05
     assert ((result.params > 0.03) & (result.params < 0.08)).all(), result.params
 

@@ -4,16 +4,18 @@
   the region use that one float32 basis, whose remaining skew the region's radii allow for.
 * Every family keeps its parameters as sampled (float32 values): the sampler multiplies by exactly the
   numbers the region is computed from, and a saved noise rebuilds the same region.
+* :func:`input_generator` sets the whole generator state from the key ``(seed, index, stream)``.
 """
 
 import math
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from smoothcert.engine.sampling import input_generator
+from smoothcert.engine.sampling import input_generator, stream_id
 from smoothcert.engine.smooth import certify
 from smoothcert.geometry.linalg import basis_error, nearest_orthonormal
 from smoothcert.geometry.regions import Ball, CrossPolytope, Ellipsoid
@@ -196,3 +198,64 @@ def test_parameters_are_kept_as_sampled_and_must_fit_float32():
         DiagonalGaussian(torch.tensor([1.0, 1e39], dtype=F64))
     with pytest.raises(TypeError, match="float32 or float64"):
         DiagonalGaussian(torch.ones(3)).draw(4, (3,), dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------ streams
+def mt_state(generator: torch.Generator) -> np.ndarray:
+    """The 624 MT19937 words a CPU generator keeps."""
+    return generator.get_state().numpy()[24:24 + 8 * 624].view(np.uint64)
+
+
+def test_streams_are_distinct_by_construction():
+    keys = [(s, i, name) for s in (0, 1, 2**32 - 1) for i in (0, 1, 2, 2**32 - 1)
+            for name in ("select", "estimate", "optimize", "choose-ancer")]
+    states, firsts = {}, {}
+    for key in keys:
+        g = input_generator(*key)
+        words = mt_state(g)
+        assert words[1:4].tolist() == [key[0], key[1], zlib.crc32(key[2].encode())]  # the key itself
+        # the 19937 bits MT19937 runs on: the top bit of word 0 and words 1-623
+        states[key] = (int(words[0]) >> 31, words[1:].tobytes())
+        firsts[key] = torch.randn(4, generator=g)
+    assert len(set(states.values())) == len(keys)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert not torch.equal(firsts[a], firsts[b]), (a, b)
+    again = input_generator(1, 2, "select")
+    assert torch.equal(torch.randn(4, generator=again), firsts[(1, 2, "select")])
+
+
+def test_the_generator_runs_mt19937_from_the_state_it_was_given():
+    """numpy's MT19937 started from the same 624 words gives the same 32-bit outputs."""
+    g = input_generator(7, 11, "estimate")
+    words = mt_state(g).astype(np.uint32)
+    reference = np.random.MT19937()
+    reference.state = {"bit_generator": "MT19937", "state": {"key": words, "pos": 624}}
+    ours = torch.empty(64, dtype=torch.int64).random_(0, 2**24, generator=g)
+    assert ours.tolist() == (reference.random_raw(64) % 2**24).tolist()
+
+
+def test_stream_keys_are_checked():
+    for bad in (-1, 2**32, 2**40 + 5):
+        with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)"):
+            input_generator(bad, 0, "select")
+        with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)"):
+            input_generator(0, bad, "select")
+    with pytest.raises(TypeError, match="integer"):
+        input_generator(1.5, 0, "select")
+    with pytest.raises(ValueError, match="stream"):
+        input_generator(0, 0, "")
+    assert zlib.crc32(b"plumless") == zlib.crc32(b"buckeroo")  # a known crc32 collision
+    stream_id("plumless")
+    with pytest.raises(ValueError, match="share the id"):
+        stream_id("buckeroo")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_streams_use_distinct_keys_and_counters():
+    a, b = input_generator(3, 4, "select", "cuda"), input_generator(3, 4, "estimate", "cuda")
+    c = input_generator(3, 5, "select", "cuda")
+    assert a.initial_seed() == b.initial_seed() == 3 + 2**32 * 4 and c.initial_seed() != a.initial_seed()
+    assert a.get_offset() != b.get_offset()
+    draws = [torch.randn(1000, generator=g, device="cuda") for g in (a, b, c)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
