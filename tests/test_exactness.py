@@ -17,7 +17,7 @@ from scipy import stats
 
 from smoothcert.engine.sampling import input_generator, stream_id
 from smoothcert.engine.smooth import certify
-from smoothcert.geometry.linalg import basis_error, nearest_orthonormal
+from smoothcert.geometry.linalg import basis_error, geometric_mean, nearest_orthonormal
 from smoothcert.geometry.regions import Ball, CrossPolytope, Ellipsoid
 from smoothcert.methods.noise_store import NoiseStore
 from smoothcert.noise.gaussian import (DiagonalGaussian, FullGaussian, IsotropicGaussian, RotatedGaussian,
@@ -259,3 +259,13 @@ def test_cuda_streams_use_distinct_keys_and_counters():
     assert a.get_offset() != b.get_offset()
     draws = [torch.randn(1000, generator=g, device="cuda") for g in (a, b, c)]
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+# --------------------------------------------------------------------------------------------- clean-ups
+def test_geometric_mean_matches_scipy_and_does_not_underflow():
+    gen = torch.Generator().manual_seed(8)
+    a = torch.rand(3, 784, generator=gen, dtype=F64) * 1e-3 + 1e-4  # the product underflows to 0
+    assert float(torch.prod(a[0])) == 0.0
+    assert torch.allclose(geometric_mean(a, dim=1), torch.from_numpy(stats.gmean(a.numpy(), axis=1)), rtol=1e-12)
+    region = Ellipsoid(torch.zeros(784), a[0])
+    assert region.proxy_radius == pytest.approx(float(stats.gmean(a[0].numpy())), rel=1e-12)
