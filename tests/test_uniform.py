@@ -18,15 +18,16 @@ F64 = torch.float64
 def test_draws_range_std_and_parameters():
     lam = torch.tensor([0.1, 0.5, 2.0], dtype=F64)
     noise = UniformDiagonal(lam)
+    assert torch.equal(noise.half_width, lam.float().double())  # kept as sampled: rounded to float32
     d = noise.draw(200_000, (3,), torch.Generator().manual_seed(0), dtype=F64)
-    assert (d.abs() <= lam).all()
+    assert (d.abs() <= noise.half_width).all()
     std = d.std(0)
     assert torch.allclose(std, lam / math.sqrt(3), rtol=0.01)  # standard error ~0.16 %
     iso = UniformDiagonal.from_std(0.5)  # sigma -> lambda = sqrt(3) sigma
-    assert math.isclose(float(iso.half_width), 0.5 * math.sqrt(3))
+    assert float(iso.half_width) == float(torch.tensor(0.5 * math.sqrt(3)).float())
     assert abs(float(iso.draw(100_000, (2,), torch.Generator().manual_seed(1), dtype=F64).std()) - 0.5) < 0.005
     again = noise_from_parameters("uniform-diagonal", noise.parameters())
-    assert torch.equal(again.half_width, lam)
+    assert torch.equal(again.half_width, noise.half_width)
     iso2 = noise_from_parameters("uniform-diagonal", iso.parameters())
     assert iso2.half_width.numel() == 1 and iso2.region(torch.zeros(4), 0.5).semi_axes.shape == (4,)
     assert noise.gap(0.75) == 0.5 and noise.gap(0.5) == 0.0
@@ -36,8 +37,8 @@ def test_draws_range_std_and_parameters():
 
 def test_total_variation_formula_matches_monte_carlo():
     gen = torch.Generator().manual_seed(3)
-    lam = torch.tensor([0.3, 0.8, 0.5], dtype=F64)
-    noise = UniformDiagonal(lam)
+    noise = UniformDiagonal(torch.tensor([0.3, 0.8, 0.5], dtype=F64))
+    lam = noise.half_width  # the half-widths as sampled (float32 values)
     n = 400_000
     for delta in [torch.tensor([0.1, 0.2, -0.3], dtype=F64), torch.tensor([0.55, 0.0, 0.0], dtype=F64)]:
         pts = noise.draw(n, (3,), gen, dtype=F64)  # U_0; fraction outside the shifted box = TV
@@ -54,9 +55,9 @@ def axis_probability(x, j, t, lam):
 
 def test_l1_region_is_exact_along_an_axis_and_sound_inside():
     """Axis-aligned classifier x_j > t: p(x) is linear in x_j, so the region's vertex along e_j has p = 1/2."""
-    lam = torch.tensor([0.4, 0.25, 0.6], dtype=F64)
     x = torch.tensor([0.5, 0.5, 0.5], dtype=F64)
-    noise = UniformDiagonal(lam)
+    noise = UniformDiagonal(torch.tensor([0.4, 0.25, 0.6], dtype=F64))
+    lam = noise.half_width  # exact probabilities of the noise as sampled
     gen = torch.Generator().manual_seed(0)
     for j, t in [(0, 0.3), (1, 0.35), (2, 0.1)]:
         p = float(axis_probability(x, j, t, lam))

@@ -14,6 +14,9 @@ block's noise and predictions.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import operator
+import struct
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -23,7 +26,7 @@ import torch
 from smoothcert.noise.base import Noise
 from smoothcert.validation import check_count, check_logits, check_num_classes
 
-__all__ = ["sample_counts", "input_generator", "Observer", "DTYPES"]
+__all__ = ["sample_counts", "input_generator", "stream_id", "Observer", "DTYPES"]
 
 #: dtypes the engine runs the base classifier in, by name (the name is recorded with every result).
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -33,16 +36,88 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+#: Stream ids in use in this process (crc32 of the name -> name): two names never share an id.
+_STREAM_IDS: dict[int, str] = {}
+_KEY_PART = 2**32  # seed and index each fit one 32-bit word of the key
+_MT_WORDS, _MT_AT = 624, 24  # torch's CPU state: seed (8 bytes), left (4), seeded (4), next (8), state[624] (8 each)
+_MT_TEMPLATE: list[np.ndarray] = []  # one checked CPU generator state to copy (filled on first use)
+_KEY_DOMAIN = b"smoothcert.input_generator/1\0"
+
+
+def stream_id(stream: str) -> int:
+    """The 32-bit id of a stream name (its crc32); a ValueError if another name in use has the same id."""
+    if not isinstance(stream, str) or not stream:
+        raise ValueError(f"stream must be a non-empty name (e.g. 'select', 'estimate'), got {stream!r}")
+    sid = zlib.crc32(stream.encode())
+    known = _STREAM_IDS.setdefault(sid, stream)
+    if known != stream:
+        raise ValueError(f"stream names {known!r} and {stream!r} share the id {sid}: rename one")
+    return sid
+
+
+def _key_part(name: str, value: int) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if not 0 <= value < _KEY_PART:
+        raise ValueError(f"{name} must lie in [0, 2**32), got {value}")
+    return value
+
+
+def _mt_template() -> np.ndarray:
+    """A fresh CPU generator state (bytes), after checking that its layout is the MT19937 one described above."""
+    if not _MT_TEMPLATE:
+        probe = 5489
+        state = torch.Generator().manual_seed(probe).get_state().numpy().copy()
+        words = state[_MT_AT:_MT_AT + 8 * _MT_WORDS].view(np.uint64)
+        expected = [probe]
+        for i in range(1, 3):  # MT19937's initialization recurrence
+            prev = expected[-1]
+            expected.append((1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF)
+        left, nxt = int(state[8:12].view(np.int32)[0]), int(state[16:24].view(np.uint64)[0])
+        if words.tolist()[:3] != expected or left != 1 or nxt != 0:
+            raise RuntimeError(f"torch {torch.__version__}'s CPU generator state is not laid out as smoothcert "
+                               "expects (MT19937 words at byte 24); input_generator cannot set it")
+        _MT_TEMPLATE.append(state)
+    return _MT_TEMPLATE[0]
+
+
 def input_generator(seed: int, index: int, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
     """An independent random stream for one input, derived from the run seed and the input's dataset index.
 
-    ``stream`` names the use ("select", "estimate", "optimize", ...): different names give independent
-    streams, so the samples that choose a class or a noise are never those that bound its probability.
+    ``stream`` names the use ("select", "estimate", "optimize", ...). The key ``(seed, index, stream id)``
+    (``seed``, ``index`` in ``[0, 2**32)``; :func:`stream_id`) is kept whole by the generator, so different keys
+    give different streams by construction:
+
+    * CPU (MT19937, whose ``manual_seed`` keeps only 32 bits): the full 624-word state is set, words from
+      the SHAKE-128 extendable-output hash of the key (FIPS 202, :mod:`hashlib`; every word depends on the
+      whole key) with words 1-3 replaced by the key itself. The state is then an injective function of the
+      key (word 0 contributes only its top bit to MT19937's 19937-bit state; words 1-3 count whole), and the
+      MT19937 transition is a bijection of that state, so two streams never pass through the same state at
+      the same step.
+    * CUDA (Philox4x32-10, a bijection of a 128-bit counter for each 64-bit key): key ``seed + 2**32 index``,
+      counter offset ``2**32 stream id``, so the streams of one input use disjoint counters (each may draw
+      2**32 offset units, far beyond a run) and different inputs use different keys.
+
+    ``initial_seed()`` is a 63-bit hash of the key (CPU) or the Philox key (CUDA). Creating one costs tens of
+    microseconds (one hash and a state copy).
     """
-    key = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index) & 0xFFFFFFFF, zlib.crc32(stream.encode())])
-    g = torch.Generator(device=device)
-    g.manual_seed(int(key.generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF))
-    return g
+    key = (_key_part("seed", seed), _key_part("index", index), stream_id(stream))
+    device = torch.device(device)
+    generator = torch.Generator(device=device)
+    if device.type != "cpu":
+        generator.manual_seed(key[0] + _KEY_PART * key[1])
+        generator.set_offset(_KEY_PART * key[2])
+        return generator
+    digest = hashlib.shake_128(_KEY_DOMAIN + struct.pack("<3I", *key)).digest(4 * _MT_WORDS + 8)
+    words = np.frombuffer(digest, dtype="<u4", count=_MT_WORDS).astype(np.uint64)
+    words[1:4] = key
+    state = _mt_template().copy()
+    state[0:8].view(np.uint64)[0] = int.from_bytes(digest[-8:], "little") & 0x7FFF_FFFF_FFFF_FFFF
+    state[_MT_AT:_MT_AT + 8 * _MT_WORDS].view(np.uint64)[:] = words
+    generator.set_state(torch.from_numpy(state))
+    return generator
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from smoothcert.geometry.linalg import geometric_mean
 from smoothcert.noise.gaussian import DiagonalGaussian
 from smoothcert.noise.uniform import UniformDiagonal
 from smoothcert.methods.base import RunContext
@@ -37,7 +38,7 @@ __all__ = ["optimize_ancer", "ANCER", "anisotropic_objective"]
 
 def anisotropic_objective(gap: torch.Tensor, theta: torch.Tensor, kappa: float) -> torch.Tensor:
     """``gap * exp(mean(log theta)) + kappa * gap * min(theta)`` per row (seed 000 eq. 3.15, penalized)."""
-    return gap * torch.exp(torch.log(theta).mean(dim=1)) + kappa * gap * theta.min(dim=1).values
+    return gap * geometric_mean(theta, dim=1) + kappa * gap * theta.min(dim=1).values
 
 
 def optimize_ancer(

@@ -207,7 +207,7 @@ class DataDependentMethod(CertifyMethod):
             scales = torch.as_tensor(choice.noise.scales(), dtype=torch.float64).reshape(-1)
             row.update(sigma=self.sigma, scale_iso=float(choice.extra.pop("scale_iso", float("nan"))),
                        min_scale=float(scales.min()), max_scale=float(scales.max()), norm=self.norm,
-                       radius_norm=0.0 if cert.abstained else float(cert.region.axes.min()),
+                       radius_norm=0.0 if cert.abstained else cert.region.norm_radius,
                        fallback=choice.fallback, memory="off" if not self.use_memory else "n/a")
             if self.use_memory:
                 if self.memory is None:  # used without open(): an in-process memory, still sound in this process

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from smoothcert.geometry.linalg import geometric_mean
 from smoothcert.methods.hessian import METHODS as HESSIAN_METHODS, hessian_basis
 from smoothcert.noise.gaussian import DiagonalGaussian, RotatedGaussian
 from smoothcert.engine.sampling import sample_counts
@@ -138,8 +139,7 @@ class RANCERBest(RANCER):
                                batch_size=ctx.batch_size, block=ctx.block, generators=generators, dtype=ctx.dtype)
         hits = counts.gather(1, classes.to(counts.device)[:, None])[:, 0].cpu().numpy()
         p_hat = np.clip(hits / self.select_samples, *CLAMP)
-        geo = np.array([float(torch.exp(torch.log(torch.as_tensor(n.scales(), dtype=torch.float64)).mean()))
-                        for n in noises])
+        geo = np.array([float(geometric_mean(torch.as_tensor(n.scales(), dtype=torch.float64))) for n in noises])
         return np.asarray(normal_gap(p_hat)) * geo
 
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:

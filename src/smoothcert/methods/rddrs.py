@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from smoothcert.geometry.linalg import geometric_mean
 from smoothcert.noise.gaussian import FullGaussian
 from smoothcert.methods.base import RunContext, argument_group_once
 from smoothcert.methods.datadependent import Choice, DataDependentMethod
@@ -133,7 +134,7 @@ def optimize_rddrs(
     group = max(1, MATRIX_GROUP_BYTES // (8 * d * d))  # inputs whose d x d matrices are updated together
     for step in range(steps):
         leaf = c.float().requires_grad_(True)
-        geo = torch.exp(torch.log(values).mean(dim=1))  # P(C)
+        geo = geometric_mean(values, dim=1)  # P(C)
         low, low_index = values.min(dim=1)  # K(C)
         factor = (geo + kappa * low).float()
 

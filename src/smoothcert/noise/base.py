@@ -3,6 +3,12 @@
 A noise family owns its sampler (:meth:`Noise.fill_`, on the buffer's device from a caller's
 ``torch.Generator``), its gap (``p_A -> certified level``) and the certified region the gap gives. The engine
 and the methods only call this interface; nothing outside a family's module branches on the family.
+
+**The region is the sampled noise's region.** The engine draws noise in ``SAMPLE_DTYPE`` (float32), so a
+family rounds its parameters to float32 once, at construction (:func:`as_sampled`), keeps those values (as
+float64 tensors) and computes its region from exactly them: the sampler multiplies by the same numbers
+bitwise, in float32 or float64 buffers alike (:meth:`Noise.on_buffer` refuses narrower ones, which would
+round the parameters again).
 """
 
 from __future__ import annotations
@@ -14,7 +20,16 @@ import torch
 from smoothcert.geometry.regions import Region
 from smoothcert.stats.bounds import gap as normal_gap
 
-__all__ = ["Noise", "noise_from_parameters"]
+__all__ = ["Noise", "noise_from_parameters", "SAMPLE_DTYPE", "as_sampled"]
+
+#: The dtype the engine draws noise in (:func:`~smoothcert.engine.sampling.sample_counts` fills a float32 buffer).
+SAMPLE_DTYPE = torch.float32
+_EXACT_BUFFERS = (torch.float32, torch.float64)  # dtypes that hold every float32 parameter exactly
+
+
+def as_sampled(values: torch.Tensor) -> torch.Tensor:
+    """``values`` rounded to :data:`SAMPLE_DTYPE`, as float64: exactly the numbers the sampler multiplies by."""
+    return torch.as_tensor(values).detach().to(SAMPLE_DTYPE).to(torch.float64)
 
 
 class Noise(ABC):
@@ -42,11 +57,25 @@ class Noise(ABC):
 
     @abstractmethod
     def scales(self) -> torch.Tensor:
-        """Semi-axis scales of the noise (``theta``; ``sigma`` repeated for isotropic), float64 (d,) or scalar."""
+        """Semi-axis scales of the certified region per unit gap (``theta``, ``sigma``, ``C``'s eigenvalues), as
+        sampled; float64 (d,) or scalar."""
 
     @abstractmethod
     def parameters(self) -> dict[str, torch.Tensor]:
         """The tensors that define this noise, for saving beside a results log."""
+
+    @staticmethod
+    def check_buffer(out: torch.Tensor) -> None:
+        """A TypeError unless ``out`` holds float32 parameters exactly (float32 or float64)."""
+        if out.dtype not in _EXACT_BUFFERS:
+            raise TypeError(f"noise is drawn into float32 or float64 buffers (which hold its float32 parameters "
+                            f"exactly, so the certified region is the sampled noise's), got {out.dtype}")
+
+    @classmethod
+    def on_buffer(cls, parameter: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``parameter`` on ``out``'s device and dtype (see :meth:`check_buffer`): the same values, bitwise."""
+        cls.check_buffer(out)
+        return parameter.to(device=out.device, dtype=out.dtype)
 
     def draw(self, num: int, shape: tuple[int, ...], generator: torch.Generator | None = None,
              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -59,15 +88,6 @@ class Noise(ABC):
         ``Phi^-1(p_lower)`` for Gaussian noise (seed 000 eq. 3.3); other families override it.
         """
         return float(normal_gap(p_lower))
-
-    def radius(self, gap: float) -> float:
-        """Inscribed l2 radius of the region for ``gap``: ``gap * min(scales)``."""
-        return float(gap) * float(torch.as_tensor(self.scales()).min())
-
-    def proxy_radius(self, gap: float) -> float:
-        """ANCER's proxy radius (seed 000 eq. 3.14): ``gap * exp(mean(log scales))``."""
-        return float(gap) * float(torch.exp(torch.log(torch.as_tensor(self.scales(), dtype=torch.float64)).mean()))
-
 
 
 def noise_from_parameters(kind: str, params: dict[str, torch.Tensor]) -> Noise:

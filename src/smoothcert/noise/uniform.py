@@ -25,7 +25,7 @@ import math
 import torch
 
 from smoothcert.geometry.regions import CrossPolytope
-from smoothcert.noise.base import Noise
+from smoothcert.noise.base import Noise, as_sampled
 
 __all__ = ["UniformDiagonal", "uniform_tv"]
 
@@ -34,8 +34,8 @@ class UniformDiagonal(Noise):
     """``eps_i ~ U[-lambda_i, lambda_i]``: anisotropic uniform noise; the region is an l1 cross-polytope.
 
     ``half_width`` ``lambda`` has one entry per input value (any shape with that many entries), or is a single
-    value for isotropic noise. :meth:`gap` is ``2 p_A - 1``; :meth:`region` the cross-polytope with semi-axes
-    ``gap * lambda``.
+    value for isotropic noise; it is kept as sampled (rounded to float32), and the region is that noise's.
+    :meth:`gap` is ``2 p_A - 1``; :meth:`region` the cross-polytope with semi-axes ``gap * lambda``.
     """
 
     kind = "uniform-diagonal"
@@ -44,9 +44,12 @@ class UniformDiagonal(Noise):
         t = torch.as_tensor(half_width).detach()
         if not torch.is_floating_point(t):
             t = t.to(torch.float64)
+        name = "half_width (lambda, the uniform noise's half-widths, = sqrt(3) * standard deviation)"
         if t.numel() == 0 or not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
-            raise ValueError("half_width (lambda, the uniform noise's half-widths, = sqrt(3) * standard deviation) "
-                             "must be a non-empty tensor of finite values > 0")
+            raise ValueError(f"{name} must be a non-empty tensor of finite values > 0")
+        t = as_sampled(t)
+        if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+            raise ValueError(f"{name} must be representable in float32 (the sampling dtype)")
         self.half_width = t
 
     @classmethod
@@ -60,12 +63,13 @@ class UniformDiagonal(Noise):
         return cls(torch.as_tensor(sigma, dtype=torch.float64) * math.sqrt(3.0))
 
     def _lam(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        lam = self.half_width.to(device=like.device, dtype=like.dtype)
+        lam = self.on_buffer(self.half_width, like)
         return lam if lam.numel() == 1 else lam.reshape(shape)
 
     def fill_(self, out, generator=None):
+        lam = self._lam(tuple(out.shape[1:]), out)
         torch.rand(out.shape, generator=generator, out=out, device=out.device, dtype=out.dtype)
-        return out.mul_(2).sub_(1).mul_(self._lam(tuple(out.shape[1:]), out))
+        return out.mul_(2).sub_(1).mul_(lam)
 
     def gap(self, p_lower: float) -> float:
         """``2 p_A - 1``: the l1 gap of uniform noise (0 at ``p_A = 1/2``)."""
@@ -73,7 +77,7 @@ class UniformDiagonal(Noise):
 
     def region(self, center, gap):
         d = int(center.numel())
-        lam = self.half_width.reshape(-1).to(torch.float64)
+        lam = self.half_width.reshape(-1)
         if lam.numel() == 1:
             lam = lam.expand(d)
         if lam.numel() != d:
@@ -81,11 +85,10 @@ class UniformDiagonal(Noise):
         return CrossPolytope(center, lam * max(float(gap), 0.0))
 
     def scales(self):
-        return self.half_width.reshape(-1).to(torch.float64) if self.half_width.numel() > 1 else \
-            self.half_width.reshape(()).to(torch.float64)
+        return self.half_width.reshape(-1) if self.half_width.numel() > 1 else self.half_width.reshape(())
 
     def parameters(self):
-        return {"half_width": self.half_width.reshape(-1).to(torch.float64)}
+        return {"half_width": self.half_width.reshape(-1)}
 
     @classmethod
     def from_parameters(cls, params):
