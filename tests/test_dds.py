@@ -243,10 +243,6 @@ class FixedChoices(DataDependentMethod):
         self.sigmas = sigmas
         self.name = "fixed-choices"  # an instance attribute: not registered as a method
 
-    @classmethod
-    def from_args(cls, args):
-        return cls({})
-
     def choose(self, ctx, x, indices):
         from smoothcert.methods.datadependent import Choice
 

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from smoothcert.methods.records import MethodRecord, Prediction, record_row
+from smoothcert.validation import check_count
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
@@ -50,11 +51,10 @@ def versions() -> dict[str, str]:
 
 def select_indices(length: int, skip: int = 1, max_index: int | None = None) -> list[int]:
     """Cohen's selection: indices ``i`` of the split with ``i % skip == 0`` and ``i < max_index``."""
-    if skip < 1:
-        raise ValueError(f"skip must be >= 1, got {skip}")
+    check_count("skip", skip)
+    if max_index is not None:
+        check_count("max", max_index)
     stop = length if max_index is None else min(length, max_index)
-    if max_index is not None and max_index < 1:
-        raise ValueError(f"max must be >= 1, got {max_index}")
     return list(range(0, stop, skip))
 
 
