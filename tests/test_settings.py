@@ -139,6 +139,8 @@ def test_methods_are_built_from_their_settings_or_the_old_keywords():
     assert RANCERBest(0.2, select_samples=5).settings.select_samples == 5
     assert DDS(0.1, max_batch=64, gap="top2", memory=False).settings.opt_batch_size == 64
     assert FixedSigma(0.5).settings == FixedSettings(0.5)
+    assert FixedSigma(sigma=0.5).settings == FixedSettings(0.5) == FixedSigma(FixedSettings(0.5)).settings
+    assert FirstOrder(sigma=0.5, norms="linf").settings.norms == ("l2", "linf")
     first = FirstOrder(0.5, "l1", "coords:0-3", 0.6)
     assert first.settings == FirstOrderSettings(0.5, ("l2", "l1"), "coords:0-3", 0.6)  # canonical norms
     for cls in {*CertifyMethod.registry.values()}:

@@ -30,8 +30,9 @@ class FixedSigma(CertifyMethod):
     settings_type = FixedSettings
     samples_only = True
 
-    def __init__(self, settings: FixedSettings | float, /):
-        super().__init__(settings)
+    def __init__(self, settings: FixedSettings | float | None = None, /, **keywords):
+        """``FixedSigma(FixedSettings(0.25))``, ``FixedSigma(0.25)`` or ``FixedSigma(sigma=0.25)``."""
+        super().__init__(settings, **keywords)
         self.noise = IsotropicGaussian(self.settings.sigma)
 
     def certify(self, ctx: RunContext, x, labels, indices) -> list[MethodRecord]:

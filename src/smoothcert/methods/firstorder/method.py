@@ -49,12 +49,14 @@ class FirstOrder(CertifyMethod):
     settings_type = FirstOrderSettings
     samples_only = True
 
-    def __init__(self, settings: FirstOrderSettings | float, /, norms: Any = None,
-                 subspace: str | Subspace | None = None, alpha_split: float | None = None, *, n: int | None = None, alpha: float | None = None):
-        """From settings, or ``FirstOrder(sigma, norms, subspace, alpha_split)``; ``subspace`` may be a
+    def __init__(self, settings: FirstOrderSettings | float | None = None, /, norms: Any = None,
+                 subspace: str | Subspace | None = None, alpha_split: float | None = None, *, n: int | None = None,
+                 alpha: float | None = None, **keywords: Any):
+        """From settings, or ``FirstOrder(sigma, norms, subspace, alpha_split)`` (also by name); ``subspace`` may be a
         :class:`Subspace`. Everything that can be checked before sampling is; ``n`` and ``alpha`` (when known)
         check the budget (:meth:`check_sampling`). The norms are kept in canonical order, l2 always among them."""
         given = {key: value for key, value in (("norms", norms), ("alpha_split", alpha_split)) if value is not None}
+        given.update(keywords)  # e.g. sigma=
         space = subspace if isinstance(subspace, Subspace) else None
         if subspace is not None:
             given["subspace"] = str(space.spec) if space is not None else subspace
