@@ -10,6 +10,7 @@ from smoothcert.geometry.regions import CrossPolytope
 from smoothcert.methods.base import RunContext
 from smoothcert.methods.ancer import ANCER, anisotropic_objective, optimize_ancer
 from smoothcert.methods.optimize import mean_probs, objective_gap, standard_draws
+from smoothcert.methods.records import record_row
 from smoothcert.noise.gaussian import DiagonalGaussian
 from smoothcert.noise.uniform import UniformDiagonal
 
@@ -93,12 +94,12 @@ def soundness_violations(method_factory, trials=40, alpha=0.1, d=8, margin=0.25,
         model, x0, w = linear_problem(d, seed=t, margin=margin)
         ctx = RunContext(model, 2, 50, n, alpha, 400, torch.float32, 1000 + t, torch.device("cpu"))
         method = method_factory()
-        rows = method.certify(ctx, x0[None], torch.tensor([1]), [t])
-        row = rows[0]
+        records = method.certify(ctx, x0[None], torch.tensor([1]), [t])
+        row = record_row(records[0], method.row_columns())
         if row["predict"] == -1:
             continue
         certified += 1
-        cert_region = method.last_certificates[0].region
+        cert_region = records[0].certificate.region
         if row["predict"] != 1 or extent_along(cert_region, w) >= margin:
             violations += 1
     return violations, certified
@@ -125,8 +126,9 @@ def test_l1_with_uniform_noise():
     method = ANCER(0.2, samples=16, dds_steps=3, steps=3, norm="l1", memory=False)
     model, x0, _ = linear_problem(4)
     ctx = RunContext(model, 2, 20, 200, 0.01, 200, torch.float32, 0, torch.device("cpu"))
-    (row,) = method.certify(ctx, x0[None], torch.tensor([1]), [0])
-    region = method.last_certificates[0].region
+    (record,) = method.certify(ctx, x0[None], torch.tensor([1]), [0])
+    row = record_row(record, method.row_columns())
+    region = record.certificate.region
     assert isinstance(region, CrossPolytope) and row["norm"] == "l1"
     assert row["radius_norm"] == float(region.semi_axes.min()) >= row["radius"] > 0
     assert math.isclose(row["gap"], 2 * row["p_lower"] - 1, rel_tol=1e-12)
@@ -138,7 +140,7 @@ def test_method_rows_and_noise(tmp_path):
     ctx = RunContext(model, 2, 20, 200, 0.01, 200, torch.float32, 0, torch.device("cpu"))
     method = ANCER(0.2, samples=16, dds_steps=3, steps=4, memory=False)
     method.open(ctx, tmp_path / "r.tsv", [])
-    (row,) = method.certify(ctx, x0[None], torch.tensor([1]), [5])
+    (row,) = method.certify_rows(ctx, x0[None], torch.tensor([1]), [5])
     noise = ANCER.load_noise(tmp_path / "r.tsv", 5)
     assert isinstance(noise, DiagonalGaussian)
     assert float(noise.theta.min()) >= row["scale_iso"] * (1 - 1e-6)

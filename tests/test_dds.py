@@ -114,7 +114,7 @@ def test_gap_forms_use_probabilities():
 def run_method(method, ctx, x, labels, indices, tmp_path, done=()):
     method.open(ctx, tmp_path / "log.tsv", list(done))
     try:
-        return method.certify(ctx, x, labels, indices)
+        return method.certify_rows(ctx, x, labels, indices)
     finally:
         method.close()
 
@@ -200,14 +200,13 @@ def test_fall_back_to_the_isotropic_certificate(tmp_path):
 
 
 def test_options_and_bad_settings():
-    from smoothcert.methods.base import CertifyMethod
+    from smoothcert.cli.options import add_method_options, build_method
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--sigma", type=float)
-    for cls in {c: None for c in CertifyMethod.registry.values()}:
-        cls.add_arguments(parser)
+    add_method_options(parser)
     args = parser.parse_args(["--sigma", "0.5", "--dds-steps", "7", "--no-memory", "--norm", "l1"])
-    method = DDS.from_args(args)
+    method = build_method(DDS, args)
     assert method.config()["dds_steps"] == 7 and method.config()["memory"] is False and method.norm == "l1"
     assert math.isclose(method.base_scale, 0.5 * math.sqrt(3))
     with pytest.raises(ValueError, match="sigma"):
@@ -247,10 +246,6 @@ class FixedChoices(DataDependentMethod):
         self.sigmas = sigmas
         self.name = "fixed-choices"  # an instance attribute: not registered as a method
 
-    @classmethod
-    def from_args(cls, args):
-        return cls({})
-
     def choose(self, ctx, x, indices):
         from smoothcert.methods.datadependent import Choice
 
@@ -261,7 +256,7 @@ def test_memory_keeps_abstains_shrinks_and_resumes(tmp_path):
     model = Stripe()
     ctx = context(model, n0=100, n=2000, alpha=0.001)
     sigmas = {0: 0.25, 1: 0.01, 2: 0.01, 3: 0.01}
-    first = FixedChoices(sigmas, memory=False).certify(ctx, torch.tensor([[0.6, 0.5]]), torch.tensor([1]), [0])[0]
+    first = FixedChoices(sigmas, memory=False).certify_rows(ctx, torch.tensor([[0.6, 0.5]]), torch.tensor([1]), [0])[0]
     r1 = first["radius"]
     assert first["predict"] == 1 and r1 > 0.2
     # x2 lies inside x1's ball (class 0 there): abstains; x3's small ball overlaps x1's ball: shrunk; x4 far: kept
@@ -274,7 +269,7 @@ def test_memory_keeps_abstains_shrinks_and_resumes(tmp_path):
     rows = run_method(method, ctx, x, torch.tensor([1, 0, 0, 0]), [0, 1, 2, 3], tmp_path)
     assert [r["memory"] for r in rows] == ["kept", "abstained", "shrunk", "kept"]
     assert [r["predict"] for r in rows] == [1, -1, 0, 0]
-    free = FixedChoices(sigmas, memory=False).certify(ctx, x, torch.tensor([1, 0, 0, 0]), [0, 1, 2, 3])
+    free = FixedChoices(sigmas, memory=False).certify_rows(ctx, x, torch.tensor([1, 0, 0, 0]), [0, 1, 2, 3])
     assert 0 < rows[2]["radius"] < free[2]["radius"]
     assert rows[2]["radius"] <= math.dist(x[2].tolist(), x[0].tolist()) - r1 + 1e-12
     assert rows[3]["radius"] == free[3]["radius"] and rows[0]["radius"] == free[0]["radius"]
@@ -283,7 +278,7 @@ def test_memory_keeps_abstains_shrinks_and_resumes(tmp_path):
     # again and get the recorded decisions
     again = FixedChoices(sigmas)
     again.open(ctx, log, [0])
-    redo = again.certify(ctx, x[1:], torch.tensor([0, 0, 0]), [1, 2, 3])
+    redo = again.certify_rows(ctx, x[1:], torch.tensor([0, 0, 0]), [1, 2, 3])
     again.close()
     assert [(r["memory"], r["predict"], r["radius"]) for r in redo] == \
         [(r["memory"], r["predict"], r["radius"]) for r in rows[1:]]
@@ -292,7 +287,7 @@ def test_memory_keeps_abstains_shrinks_and_resumes(tmp_path):
     changed = FixedChoices({**sigmas, 3: 0.02})
     changed.open(ctx, log, [0, 1, 2])
     with pytest.raises(ValueError, match="reproducible"):
-        changed.certify(ctx, x[3:], torch.tensor([0]), [3])
+        changed.certify_rows(ctx, x[3:], torch.tensor([0]), [3])
 
 
 def test_command_line_run_resumes_after_a_lost_row(tmp_path):

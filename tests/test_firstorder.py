@@ -11,6 +11,7 @@ from scipy import stats
 
 from smoothcert.methods.firstorder.certificate import FirstOrderPlan, Subspace, certify_first_order, normalized_radii
 from smoothcert.methods.firstorder.radii import directional_radius, zeroth_order_radius
+from smoothcert.cli.options import add_method_options, build_method
 from smoothcert.methods.base import COMMON_COLUMNS, RunContext, method_class
 from smoothcert.engine.sampling import input_generator
 
@@ -218,17 +219,17 @@ def test_first_order_method_rows_and_options():
     parser.add_argument("--sigma", type=float)
     parser.add_argument("--n", type=int)
     parser.add_argument("--alpha", type=float)
-    cls.add_arguments(parser)
+    add_method_options(parser, [cls])
     args = parser.parse_args(["--sigma", "0.5", "--n", "2000", "--alpha", "0.01", "--norms", "l1,l2",
                               "--subspace", "coords:0-3", "--alpha-split", "0.6"])
-    method = cls.from_args(args)
+    method = build_method(cls, args)
     assert method.config() == {"name": "first-order", "sigma": 0.5, "norms": ["l2", "l1"],
                                "subspace": "coords:0-3", "alpha_split": 0.6}
     w = torch.linspace(-1, 1, 8)
     ctx = RunContext(Linear(w, 0.1), 2, 50, 2000, 0.01, 4000, torch.float32, 0, torch.device("cpu"), 2)
     x = torch.rand(2, 8)
-    rows = method.certify(ctx, x, torch.tensor([0, 1]), [3, 9])
-    again = method.certify(ctx, x, torch.tensor([0, 1]), [3, 9])
+    rows = method.certify_rows(ctx, x, torch.tensor([0, 1]), [3, 9])
+    again = method.certify_rows(ctx, x, torch.tensor([0, 1]), [3, 9])
     assert rows == again  # per-input streams: reproducible
     for row in rows:
         assert set(COMMON_COLUMNS) | {"predict", "radius"} | set(cls.columns) <= set(row)
@@ -238,4 +239,4 @@ def test_first_order_method_rows_and_options():
         assert row["radius"] == row["radius_l2_1"] and row["n_half"] == 1000 and row["subspace_dim"] == 4
     for bad in (["--norms", "l5"], ["--alpha-split", "0"], ["--n", "5"], ["--subspace", "coords:"]):
         with pytest.raises(ValueError):
-            cls.from_args(parser.parse_args(["--sigma", "0.5", "--n", "2000", "--alpha", "0.01", *bad]))
+            build_method(cls, parser.parse_args(["--sigma", "0.5", "--n", "2000", "--alpha", "0.01", *bad]))

@@ -51,7 +51,7 @@ def test_rows_saved_basis_and_fall_back_to_the_axes(tmp_path):
     ctx = RunContext(model, 2, 20, 200, 0.01, 200, torch.float32, 0, torch.device("cpu"))
     method = RANCER(0.2, samples=16, dds_steps=3, steps=4, memory=False)
     method.open(ctx, tmp_path / "r.tsv", [])
-    (row,) = method.certify(ctx, x0[None], torch.tensor([1]), [2])
+    (row,) = method.certify_rows(ctx, x0[None], torch.tensor([1]), [2])
     noise = DataDependentMethod.load_noise(tmp_path / "r.tsv", 2)
     assert isinstance(noise, RotatedGaussian) and row["basis"] == "hessian"
     iso = row["scale_iso"]
@@ -76,7 +76,7 @@ def test_best_of_chooses_on_its_own_streams_and_certifies_only_the_winner(tmp_pa
     kw = dict(samples=40, dds_steps=20, dds_lr=0.002, steps=30, memory=False)
     best = RANCERBest(0.1, select_samples=500, **kw)
     best.open(ctx, tmp_path / "b.tsv", [])
-    rows = best.certify(ctx, x, torch.tensor([1, 1]), [0, 1])
+    rows = best.certify_rows(ctx, x, torch.tensor([1, 1]), [0, 1])
     for i, row in enumerate(rows):
         assert row["chosen"] == ("rancer" if row["proxy_rancer"] > row["proxy_ancer"] else "ancer")
         noise = DataDependentMethod.load_noise(tmp_path / "b.tsv", i)
@@ -85,7 +85,7 @@ def test_best_of_chooses_on_its_own_streams_and_certifies_only_the_winner(tmp_pa
     # the candidates are exactly what ANCER and RANCER alone produce (same optimization streams) ...
     plain = RANCER(0.1, **kw)
     plain.open(ctx, tmp_path / "r.tsv", [])
-    rancer_rows = plain.certify(ctx, x, torch.tensor([1, 1]), [0, 1])
+    rancer_rows = plain.certify_rows(ctx, x, torch.tensor([1, 1]), [0, 1])
     for i, (row, r) in enumerate(zip(rows, rancer_rows)):
         if row["chosen"] == "rancer":  # ... and the winner is certified on the usual certification streams
             assert row["radius"] == r["radius"] and row["p_lower"] == r["p_lower"]

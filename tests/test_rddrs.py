@@ -161,7 +161,7 @@ def test_method_on_mnist_sized_inputs(tmp_path):
     ctx = RunContext(model, 10, 10, 100, 0.01, 200, torch.float32, 0, torch.device("cpu"))
     method = RDDRS(0.25, samples=8, dds_steps=1, steps=2, rddrs_samples=16, memory=False)
     method.open(ctx, tmp_path / "m.tsv", [])
-    rows = method.certify(ctx, x, torch.tensor([0, 1]), [0, 1])
+    rows = method.certify_rows(ctx, x, torch.tensor([0, 1]), [0, 1])
     for i, row in enumerate(rows):
         noise = DataDependentMethod.load_noise(tmp_path / "m.tsv", i)
         assert isinstance(noise, FullGaussian) and noise.scale.shape == (784, 784)

@@ -9,6 +9,7 @@ from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.engine.smooth import certify
 from smoothcert.cli.runner import CERTIFY_COLUMNS, ResultsFile, run_dataset, select_indices
 from smoothcert.engine.sampling import input_generator
+from smoothcert.methods.records import MethodRecord
 
 from conftest import Linear2
 
@@ -25,7 +26,7 @@ def inputs(batch):
 def process(x, labels, idx):
     gens = [(input_generator(5, i, "select"), input_generator(5, i, "estimate")) for i in idx]
     certs = certify(MODEL, x, IsotropicGaussian(0.25), 2, 20, 200, 0.01, block=50, generators=gens)
-    return [{"predict": c.prediction, "radius": c.radius, "p_lower": c.p_lower} for c in certs]
+    return [MethodRecord("fixed", c, c.region) for c in certs]
 
 
 def table(path):

@@ -1,32 +1,30 @@
-"""Checks at the public boundary: each raises one clear error that says what was wrong and what is allowed."""
+"""Checks at the public boundary: each raises one clear error that says what was wrong and what is allowed.
+
+Number and count checks share the constraints (and the one message form) of :mod:`smoothcert.settings`.
+"""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
+from smoothcert.settings import Integer, Number
+
 
 def check_alpha(alpha: float) -> float:
     """``alpha`` is a failure probability: a number strictly between 0 and 1."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < float(alpha) < 1.0):
-        raise ValueError(f"alpha must be a number in the open interval (0, 1), got {alpha!r}")
-    return float(alpha)
+    return Number(0.0, 1.0, low_open=True, high_open=True).check("alpha", alpha)
 
 
 def check_positive(name: str, value: float) -> float:
     """A strictly positive, finite number (e.g. sigma, in the model's input units)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return Number(0.0, low_open=True).check(name, value)
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> int:
     """A whole number of samples (or batch size) at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return Integer(minimum).check(name, value)
 
 
 def check_sample_sizes(n0: int, n: int) -> None:
@@ -38,9 +36,8 @@ def check_sample_sizes(n0: int, n: int) -> None:
 
 
 def check_num_classes(num_classes: int) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return num_classes
+    """At least two classes."""
+    return Integer(2).check("num_classes", num_classes)
 
 
 def check_inputs(x: torch.Tensor, *, range_policy: str = "warn") -> torch.Tensor:

@@ -11,15 +11,22 @@ from pathlib import Path
 
 import torch
 
-from smoothcert.cli.demo import run_demo
 from smoothcert.cli.common import load_base_classifier, resolve_device
-from smoothcert.cli.train import add_train_arguments, run_train
-import smoothcert.methods as _methods
-from smoothcert.methods.base import COMMON_COLUMNS, RunContext, method_class
+from smoothcert.cli.demo import run_demo
+from smoothcert.cli.options import add_method_options, build_method
 from smoothcert.cli.runner import CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, run_dataset, select_indices
+from smoothcert.cli.train import add_train_arguments, run_train
 from smoothcert.engine.sampling import DTYPES, input_generator
 from smoothcert.engine.smooth import predict
+import smoothcert.methods  # noqa: F401  (registers every built-in method)
+from smoothcert.methods.base import COMMON_COLUMNS, CertifyMethod, RunContext, method_class
+from smoothcert.methods.records import Prediction
 from smoothcert.noise.gaussian import IsotropicGaussian
+
+
+def _compilable() -> list[str]:
+    """Methods that only sample the base classifier (no gradient through it), so it may be compiled."""
+    return sorted(name for name, cls in CertifyMethod.registry.items() if cls.samples_only)
 
 
 def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
@@ -46,23 +53,24 @@ def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
     p.add_argument("--device", default="auto", help="auto (accelerator if any, else cpu), cpu, cuda:0, ...")
     p.add_argument("--compile", action="store_true",
                    help="run the base classifier through torch.compile (faster sampling after a warm-up; "
-                        "fixed, first-order and predict only)")
+                        f"{', '.join(_compilable())} and predict only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-#: Methods that only sample the base classifier (no gradients through it), so it may be compiled.
-COMPILABLE = ("fixed", "first-order")
+def _check_compile(args, method: type[CertifyMethod] | None) -> None:
+    """``--compile`` only for PREDICT and methods that only sample the base classifier (no gradient through it)."""
+    if args.compile and method is not None and not method.samples_only:
+        raise ValueError(f"--compile is for methods that only sample ({', '.join(_compilable())}) and predict; "
+                         f"--method {method.name} differentiates through the model")
 
 
-def _setup(args):
+def _setup(args, method: type[CertifyMethod] | None = None):
     from smoothcert.data.datasets import load_dataset
 
+    _check_compile(args, method)
     device = resolve_device(args.device)
     model, config, fingerprint = load_base_classifier(args.checkpoint, device)
     if args.compile:
-        if getattr(args, "method", "fixed") not in COMPILABLE:
-            raise ValueError(f"--compile is for methods that only sample ({', '.join(COMPILABLE)}) and predict; "
-                             f"--method {args.method} differentiates through the model")
         model = torch.compile(model)
     dataset = load_dataset(args.dataset or config.get("dataset"), args.split, root=args.data_root)
     if args.sigma is None:
@@ -88,8 +96,8 @@ def _setup(args):
 
 def cmd_certify(args) -> int:
     cls = method_class(args.method)
-    device, model, num_classes, _, indices, inputs, run = _setup(args)
-    method = cls.from_args(args)
+    device, model, num_classes, _, indices, inputs, run = _setup(args, cls)
+    method = build_method(cls, args)
     ctx = RunContext(model, num_classes, args.n0, args.n, args.alpha, args.batch_size, DTYPES[args.dtype],
                      args.seed, device, args.inputs_per_batch)
     columns = CERTIFY_COLUMNS + COMMON_COLUMNS + tuple(c for c in cls.columns if c not in COMMON_COLUMNS)
@@ -115,7 +123,7 @@ def cmd_predict(args) -> int:
         gens = [input_generator(args.seed, i, "predict", device) for i in idx]
         out = predict(model, x, noise, num_classes, args.n, args.alpha, batch_size=args.batch_size, block=block,
                       generators=gens, dtype=dtype)
-        return [{"predict": int(c)} for c in out]
+        return [Prediction(int(c)) for c in out]
 
     results = ResultsFile(Path(args.out), PREDICT_COLUMNS, {"command": "predict", **run, "sigma": args.sigma})
     run_dataset(results, inputs, indices, process, inputs_per_batch=args.inputs_per_batch,
@@ -148,8 +156,7 @@ def cmd_plot_regions(args) -> int:
         if config.get("sigma") is None:
             raise ValueError("give --sigma (the checkpoint does not record a training sigma)")
         args.sigma = float(config["sigma"])
-    args.no_memory = True  # each input's own certificate
-    methods = [method_class(name).from_args(args) for name in args.methods]
+    methods = [build_method(method_class(name), args, memory=False) for name in args.methods]  # each input alone
     path = plot_regions(model, dataset.inputs, dataset.labels, args.points, methods, args.out,
                         num_classes=dataset.num_classes, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed)
     print(f"wrote {path}")
@@ -166,10 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certify", help="certify a data set split; resumable TSV results")
     _common(p, certify=True)
-    p.add_argument("--method", default="fixed", choices=sorted(_methods.CertifyMethod.registry),
+    p.add_argument("--method", default="fixed", choices=sorted(CertifyMethod.registry),
                    help="certification method (default: fixed, Cohen et al.)")
-    for cls in {c: None for c in _methods.CertifyMethod.registry.values()}:
-        cls.add_arguments(p)
+    add_method_options(p)
     p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("predict", help="PREDICT (with abstention) over a data set split; resumable TSV results")
@@ -194,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--points", type=int, nargs="+", default=[0, 1, 2, 3], help="dataset indices to certify")
     p.add_argument("--methods", nargs="+", default=["fixed", "dds", "ancer", "rancer", "rddrs"],
-                   choices=sorted(_methods.CertifyMethod.registry))
+                   choices=sorted(CertifyMethod.registry))
     p.add_argument("--sigma", type=float, default=None, help="base noise level (default: the checkpoint's)")
     p.add_argument("--n0", type=int, default=100)
     p.add_argument("--n", type=int, default=10_000)
@@ -202,8 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="regions.png", help="PNG to write")
-    for cls in {c: None for c in _methods.CertifyMethod.registry.values()}:
-        cls.add_arguments(p)
+    add_method_options(p)
     p.set_defaults(func=cmd_plot_regions)
 
     p = sub.add_parser("demo", help="train a noise-robust MNIST model and certify 100 test digits at sigma 0.25")

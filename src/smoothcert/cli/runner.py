@@ -26,8 +26,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from smoothcert.methods.records import MethodRecord, Prediction, record_row
+from smoothcert.validation import check_count
+
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
+#: The columns the runner fills itself; a record fills every other one (:func:`record_row`).
+RUNNER_COLUMNS = ("idx", "label", "correct", "time")
 
 #: Sidecar keys that may differ between the first run and a resumed one.
 _VOLATILE = ("versions", "started")
@@ -46,11 +51,10 @@ def versions() -> dict[str, str]:
 
 def select_indices(length: int, skip: int = 1, max_index: int | None = None) -> list[int]:
     """Cohen's selection: indices ``i`` of the split with ``i % skip == 0`` and ``i < max_index``."""
-    if skip < 1:
-        raise ValueError(f"skip must be >= 1, got {skip}")
+    check_count("skip", skip)
+    if max_index is not None:
+        check_count("max", max_index)
     stop = length if max_index is None else min(length, max_index)
-    if max_index is not None and max_index < 1:
-        raise ValueError(f"max must be >= 1, got {max_index}")
     return list(range(0, stop, skip))
 
 
@@ -60,6 +64,16 @@ def _format(value: Any) -> str:
     if isinstance(value, bool):
         return str(int(value))
     return str(value)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(setting, old value, new value)`` for every difference, nested settings named ``method.kappa``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 @dataclass
@@ -103,10 +117,10 @@ class ResultsFile:
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.sidecar} is not valid JSON ({e}); choose another output path") from e
         new = json.loads(json.dumps({**self.config, "columns": list(self.columns)}, default=str))
-        keys = sorted((set(old) | set(new)) - set(_VOLATILE))
-        diff = [k for k in keys if old.get(k) != new.get(k)]
+        diff = _differences({k: v for k, v in old.items() if k not in _VOLATILE},
+                            {k: v for k, v in new.items() if k not in _VOLATILE})
         if diff:
-            detail = "; ".join(f"{k}: file has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diff[:6])
+            detail = "; ".join(f"{k}: file has {a!r}, this run has {b!r}" for k, a, b in diff[:6])
             raise ValueError(f"refusing to append to {self.path}: it was written with another configuration ({detail}). "
                              "Use the same settings to resume, or another output path")
 
@@ -144,7 +158,7 @@ def run_dataset(
     results: ResultsFile,
     inputs: Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]],
     indices: Sequence[int],
-    process: Callable[[torch.Tensor, torch.Tensor, Sequence[int]], list[dict[str, Any]]],
+    process: Callable[[torch.Tensor, torch.Tensor, Sequence[int]], Sequence[MethodRecord | Prediction]],
     *,
     inputs_per_batch: int = 1,
     on_open: Callable[[list[int]], None] | None = None,
@@ -152,10 +166,11 @@ def run_dataset(
 ) -> Path:
     """Process ``indices`` in order, ``inputs_per_batch`` at a time, appending rows; resume from complete rows.
 
-    ``inputs(indices) -> (x, labels)``; ``process(x, labels, indices)`` returns one row per input holding every
-    column but ``idx``, ``label``, ``correct`` and ``time``, which are filled here (``time`` is the batch's
-    wall-clock seconds divided by its size).
+    ``inputs(indices) -> (x, labels)``; ``process(x, labels, indices)`` returns one record per input
+    (:mod:`smoothcert.methods.records`), which fills every column but ``idx``, ``label``, ``correct`` and
+    ``time``; those are filled here (``time`` is the batch's wall-clock seconds divided by its size).
     """
+    own = [c for c in results.columns if c not in RUNNER_COLUMNS]
     done_rows = results.open()
     done = [int(r["idx"]) for r in done_rows]
     if done != list(indices[: len(done)]):
@@ -170,10 +185,11 @@ def run_dataset(
             batch = todo[start : start + inputs_per_batch]
             x, labels = inputs(batch)
             t0 = time.perf_counter()
-            rows = process(x, labels, batch)
+            records = process(x, labels, batch)
             seconds = (time.perf_counter() - t0) / len(batch)
-            if len(rows) != len(batch):
-                raise RuntimeError(f"a method returned {len(rows)} rows for {len(batch)} inputs")
+            if len(records) != len(batch):
+                raise RuntimeError(f"a method returned {len(records)} records for {len(batch)} inputs")
+            rows = [record_row(record, own) for record in records]
             for row, i, y in zip(rows, batch, labels.tolist()):
                 row.update(idx=i, label=int(y), correct=int(int(row["predict"]) == int(y)), time=round(seconds, 4))
             results.append(rows)

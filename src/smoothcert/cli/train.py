@@ -8,25 +8,13 @@ from typing import Any
 import torch
 
 from smoothcert.cli.common import resolve_device
+from smoothcert.cli.options import add_settings_options, dest_of
 from smoothcert.data.datasets import load_dataset
 from smoothcert.models.architectures import model_for_dataset
 from smoothcert.models.pca import add_pca, fit_pca
 from smoothcert.training.loop import OPTIMIZERS, SCHEDULES, train, train_paths
-from smoothcert.training.objectives import OBJECTIVES, make_objective
-
-_HYPER_FLAGS = {
-    "num_noise": ("--num-noise", int, "noisy copies per input: m (gaussian 1, consistency 2, smoothadv 4) "
-                  "or MACER's k (16)"),
-    "lbd": ("--lbd", float, "weight of the consistency KL term (default 10) or MACER's hinge (default 12)"),
-    "eta": ("--eta", float, "consistency: weight of the entropy of the mean prediction (default 0.5)"),
-    "gamma": ("--gamma", float, "MACER: hinge threshold on Phi^-1(p_A) - Phi^-1(p_B) (default 8)"),
-    "beta": ("--beta", float, "MACER: inverse temperature (default 16)"),
-    "epsilon": ("--epsilon", float, "SmoothAdv: l2 attack radius in input units (default 1.0; 0.5 suits MNIST)"),
-    "steps": ("--pgd-steps", int, "SmoothAdv: PGD steps (default 10)"),
-    "warmup": ("--warmup", int, "SmoothAdv: epochs of linear epsilon warm-up (default 10); MACER: epochs before "
-               "the radius hinge joins (default 0)"),
-}
-
+from smoothcert.settings import flag_of, setting_fields
+from smoothcert.training.objectives import OBJECTIVES, Objective, make_objective
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``smoothcert train``."""
@@ -59,10 +47,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "(monitoring only: the saved model is the last epoch's; 0 = none)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for name, (flag, kind, text) in _HYPER_FLAGS.items():
-        parser.add_argument(flag, dest=f"hp_{name}", type=kind, default=None, help=text,
-                            metavar=flag.lstrip("-").upper().replace("-", "_"))
+    add_settings_options(parser, {name: cls.settings_type for name, cls in OBJECTIVES.items()},
+                         title=lambda users: "objective hyperparameters (default: the objective's own)",
+                         name_owners=True)
     return parser
+
+
+def objective_from_args(args: argparse.Namespace) -> Objective:
+    """The ``--objective`` with the hyperparameters given on the command line; a hyperparameter the objective
+    does not take is an error (:func:`make_objective`)."""
+    own = {flag_of(f): f.name for f in setting_fields(OBJECTIVES[args.objective].settings_type)}
+    given = {}
+    for cls in OBJECTIVES.values():
+        for f in setting_fields(cls.settings_type):
+            value = getattr(args, dest_of(f), None)
+            if value is not None:
+                given[own.get(flag_of(f), f.name)] = value
+    return make_objective(args.objective, **given)
 
 
 class _Subset:
@@ -80,9 +81,7 @@ class _Subset:
 
 def run_train(args: argparse.Namespace) -> int:
     """``smoothcert train``: build the model (optionally with a PCA first layer), train, save; returns 0."""
-    hyper = {name: getattr(args, f"hp_{name}") for name in _HYPER_FLAGS}
-    hyper["k" if args.objective == "macer" else "m"] = hyper.pop("num_noise")
-    objective = make_objective(args.objective, **hyper)
+    objective = objective_from_args(args)
     device = resolve_device(args.device)
     train_set = load_dataset(args.dataset, "train", args.data_root)
     val_set = _Subset(load_dataset(args.dataset, "test", args.data_root), args.val_size) if args.val_size > 0 else None

@@ -2,8 +2,8 @@
 
 :func:`plot_regions` draws the decision regions of the base classifier on a grid, the test points, and around
 chosen points the certified region of each method: the ball of fixed smoothing and DDS, the axis-aligned
-ellipse of ANCER, the rotated ellipses of RANCER and RDDRS. Each region is the one the method certifies for
-that input alone (memory-based certification, which couples inputs, is off for the picture).
+ellipse of ANCER, the rotated ellipses of RANCER and RDDRS, from the methods' records. Each region is the one the
+method certifies for that input alone (memory-based certification, which couples inputs, is off for the picture).
 """
 
 from __future__ import annotations
@@ -16,27 +16,20 @@ import numpy as np
 import torch
 
 from smoothcert.methods.base import CertifyMethod, RunContext
-from smoothcert.methods.fixed import FixedSigma
 from smoothcert.evaluation.tables import save_figure
 from smoothcert.geometry.regions import Ball, Ellipsoid, Region
-from smoothcert.engine.smooth import certify
 
-COLORS = {"fixed": "black", "dds": "tab:blue", "ancer": "tab:orange", "rancer": "tab:green",
-          "rancer-best": "tab:olive", "rddrs": "tab:red"}
+#: Region colours, one per method in the order the methods are drawn (then again from the start).
+PALETTE = ("black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:olive")
 
 
 def method_regions(method: CertifyMethod, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]
                    ) -> list[Region | None]:
     """The certified region (None when abstaining) of ``method`` for each input of ``x``, without memory."""
-    if isinstance(method, FixedSigma):
-        certs = certify(ctx.model, x, method.noise, ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
-                        batch_size=ctx.batch_size, block=ctx.block, generators=ctx.certify_generators(indices),
-                        dtype=ctx.dtype)
-        return [c.region for c in certs]
-    if getattr(method, "use_memory", False):
+    if method.uses_memory:
         raise ValueError("plot-regions draws each input's own certificate: build the method with memory off")
-    method.certify(ctx, x, torch.zeros(len(x), dtype=torch.long), indices)
-    return [c.region for c in method.last_certificates]
+    records = method.certify(ctx, x, torch.zeros(len(x), dtype=torch.long), indices)
+    return [record.certified_region for record in records]
 
 
 def _patch(region: Region, color: str, label: str | None):
@@ -86,15 +79,16 @@ def plot_regions(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Ten
     ax.scatter(inputs[:, 0], inputs[:, 1], c=labels, cmap=ListedColormap(palette), s=6, alpha=0.6,
                vmin=-0.5, vmax=num_classes - 0.5)
     ax.scatter(x[:, 0].cpu(), x[:, 1].cpu(), marker="x", color="black", s=40, zorder=5)
-    for method in methods:
+    for number, method in enumerate(methods):
+        color = PALETTE[number % len(PALETTE)]
         regions = method_regions(method, ctx, x, list(points))
         label = f"{method.name} ({sum(r is None for r in regions)} abstained)"
         for region in regions:
             if region is not None:
-                ax.add_patch(_patch(region, COLORS.get(method.name, "gray"), label))
+                ax.add_patch(_patch(region, color, label))
                 label = None
         if label is not None:
-            ax.plot([], [], color=COLORS.get(method.name, "gray"), label=label)
+            ax.plot([], [], color=color, label=label)
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_aspect("equal")

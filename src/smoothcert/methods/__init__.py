@@ -1,6 +1,7 @@
 """Certification methods as plug-ins: importing this package registers every built-in method."""
 
-from smoothcert.methods.base import COMMON_COLUMNS, CertifyMethod, RunContext, certificate_row, method_class
+from smoothcert.methods.base import COMMON_COLUMNS, CertifyMethod, RunContext, method_class
+from smoothcert.methods.records import MemoryDecision, MethodRecord, Prediction, record_row
 from smoothcert.methods.fixed import FixedSigma
 from smoothcert.methods.dds import DDS  # noqa: F401  (registers --method dds)
 from smoothcert.methods.ancer import ANCER  # noqa: F401  (registers --method ancer)
@@ -8,4 +9,5 @@ from smoothcert.methods.rancer import RANCER, RANCERBest  # noqa: F401  (registe
 from smoothcert.methods.rddrs import RDDRS  # noqa: F401  (registers --method rddrs)
 from smoothcert.methods.firstorder.method import FirstOrder  # noqa: F401  (registers --method first-order)
 
-__all__ = ["COMMON_COLUMNS", "CertifyMethod", "FixedSigma", "RunContext", "certificate_row", "method_class"]
+__all__ = ["COMMON_COLUMNS", "CertifyMethod", "FixedSigma", "MemoryDecision", "MethodRecord", "Prediction",
+           "RunContext", "method_class", "record_row"]

@@ -20,9 +20,8 @@ a clipping window ``[lower, upper]`` (seed 000 eq. 4.8).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -30,10 +29,11 @@ from smoothcert.geometry.linalg import geometric_mean
 from smoothcert.noise.gaussian import DiagonalGaussian
 from smoothcert.noise.uniform import UniformDiagonal
 from smoothcert.methods.base import RunContext
-from smoothcert.methods.datadependent import Choice, DataDependentMethod
-from smoothcert.methods.optimize import (OptimizationResult, check_stage, check_optimizer_arguments, class_slots, classes_of, expand_rows, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from smoothcert.methods.datadependent import Choice, DataDependentMethod, DataDependentSettings
+from smoothcert.methods.optimize import (OptimizationResult, check_optimizer_arguments, class_slots, classes_of, expand_rows, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from smoothcert.settings import integer, number
 
-__all__ = ["optimize_ancer", "ANCER", "anisotropic_objective"]
+__all__ = ["optimize_ancer", "ANCER", "ANCERSettings", "anisotropic_objective"]
 
 
 def anisotropic_objective(gap: torch.Tensor, theta: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -115,31 +115,30 @@ def optimize_ancer(
         model, x, standard_draws(generators, samples, shape, family, x.device), perturb, max_batch))
 
 
+@dataclass(frozen=True)
+class ANCERSettings(DataDependentSettings):
+    """The DDS settings, then ANCER's Adam stage (seed 000 eq. 3.15; also RANCER's)."""
+
+    ancer_steps: int = integer(100, low=0, help="Adam steps of ANCER / RANCER")
+    ancer_lr: float = number(0.04, low=0.0, help="Adam learning rate of ANCER / RANCER")
+    kappa: float = number(2.0, low=0.0, help="weight of the min-scale term in ANCER / RANCER's objective")
+
+
 class ANCER(DataDependentMethod):
     """``--method ancer``: DDS, then per-input diagonal theta >= theta_iso (seed 000 eq. 3.15), with memory."""
 
     name = "ancer"
-    norms = ("l2", "l1")
-
-    def __init__(self, sigma: float, *, steps: int = 100, lr: float = 0.04, kappa: float = 2.0, **common: Any):
-        super().__init__(sigma, **common)
-        check_stage(steps, lr, kappa)
-        self.steps, self.lr, self.kappa = steps, float(lr), float(kappa)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "ANCER":
-        return cls(args.sigma, steps=args.ancer_steps, lr=args.ancer_lr, kappa=args.kappa, **cls.common_kwargs(args))
-
-    def stage_config(self) -> dict[str, Any]:
-        return {"ancer_steps": self.steps, "ancer_lr": self.lr, "kappa": self.kappa}
+    settings_type = ANCERSettings
+    keywords = {**DataDependentMethod.keywords, "steps": "ancer_steps", "lr": "ancer_lr"}
 
     def optimize(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]
                  ) -> tuple[OptimizationResult, OptimizationResult]:
         """(DDS result, ANCER result) for the batch, each stage from its own optimization streams."""
+        s = self.settings
         iso = self.dds_stage(ctx, x, indices)
         result = optimize_ancer(ctx.model, x, iso.params, generators=ctx.generators(indices, "optimize-ancer"),
-                                steps=self.steps, lr=self.lr, samples=self.samples, kappa=self.kappa,
-                                family=self.family, gap=self.gap, classes=iso.classes,
+                                steps=s.ancer_steps, lr=s.ancer_lr, samples=s.opt_samples, kappa=s.kappa,
+                                family=self.family, gap=s.opt_gap, classes=iso.classes,
                                 max_batch=self.opt_batch(ctx, x))
         return iso, result
 

@@ -1,9 +1,12 @@
 """The plug-in interface of certification methods.
 
-A method turns a batch of inputs into one result row each. Cohen's fixed noise, the data-dependent methods
-(which first *choose* a noise per input, then certify it exactly like Cohen on fresh samples) and first-order
+A method turns a batch of inputs into one record each (:mod:`smoothcert.methods.records`), which
+:func:`~smoothcert.methods.records.record_row` turns into a result row. Cohen's fixed noise, the data-dependent
+methods (which first *choose* a noise per input, then certify it exactly like Cohen on fresh samples) and first-order
 certificates are all methods; the runner (:mod:`smoothcert.runner`) and the command line know nothing else
-about them. A method registers itself by subclassing :class:`CertifyMethod` with a ``name``.
+about them. A method registers itself by subclassing :class:`CertifyMethod` with a ``name``, declares its
+settings as a :class:`~smoothcert.settings.Settings` dataclass (the command line builds its options from it) and
+says what else the command line needs to know as class attributes (``samples_only``, ``columns``).
 
 Every row holds at least ``predict`` (class or -1), ``radius`` (certified l2 radius, 0 when abstaining) and
 the :data:`COMMON_COLUMNS`; a method adds its own ``columns`` after those.
@@ -11,7 +14,6 @@ the :data:`COMMON_COLUMNS`; a method adds its own ``columns`` after those.
 
 from __future__ import annotations
 
-import argparse
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +23,8 @@ from typing import Any, ClassVar
 import torch
 
 from smoothcert.engine.sampling import input_generator
-from smoothcert.engine.smooth import Certificate
+from smoothcert.methods.records import MethodRecord, record_row
+from smoothcert.settings import Settings, number
 
 #: Columns every certification method fills, after Cohen's ``idx label predict radius correct time``.
 COMMON_COLUMNS = ("radius_proxy", "p_lower", "gap", "n", "method", "dtype")
@@ -59,25 +62,26 @@ class RunContext:
         return list(zip(self.generators(indices, "select"), self.generators(indices, "estimate")))
 
 
-def certificate_row(cert: Certificate, method: str) -> dict[str, Any]:
-    """The common columns of a row from a :class:`~smoothcert.smooth.Certificate`."""
-    return {
-        "predict": cert.prediction,
-        "radius": cert.radius,
-        "radius_proxy": cert.radius_proxy,
-        "p_lower": cert.p_lower,
-        "gap": cert.gap,
-        "n": cert.n,
-        "method": method,
-        "dtype": cert.dtype,
-    }
+def sigma_setting() -> Any:
+    """The ``sigma`` field every method's settings starts with (the command declares ``--sigma`` itself)."""
+    return number(help="noise level in input units, pixels in [0, 1] (default: the checkpoint's training sigma)",
+                  low=0.0, low_open=True)
 
 
 class CertifyMethod(ABC):
-    """Base class of certification methods; subclasses register under their ``name``."""
+    """Base class of certification methods; subclasses register under their ``name``.
+
+    A method is built from its settings, ``Method(settings)`` (a frozen :class:`~smoothcert.settings.Settings`
+    dataclass of type ``settings_type``), or from the first setting and keywords, ``Method(0.25, steps=10)``;
+    ``keywords`` maps the short keyword names of the constructors to setting names.
+    """
 
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]] = ()
+    settings_type: ClassVar[type[Settings]]
+    keywords: ClassVar[dict[str, str]] = {}
+    #: True for methods that only sample the base classifier (no gradient through it): it may be compiled.
+    samples_only: ClassVar[bool] = False
     registry: ClassVar[dict[str, type["CertifyMethod"]]] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -85,23 +89,57 @@ class CertifyMethod(ABC):
         if "name" in cls.__dict__:
             CertifyMethod.registry[cls.name] = cls
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add this method's command-line options (names must not clash with other methods')."""
+    def __init__(self, settings: Any = None, /, **keywords: Any):
+        self.settings = self.make_settings(settings, **keywords)
 
     @classmethod
-    @abstractmethod
-    def from_args(cls, args: argparse.Namespace) -> "CertifyMethod":
-        """Build the method from parsed command-line options."""
+    def make_settings(cls, settings: Any = None, /, **keywords: Any) -> Settings:
+        """``settings`` itself when it is this method's settings, else the settings made from ``settings`` (the
+        first field, e.g. sigma) and ``keywords`` (setting names, or the short names of :attr:`keywords`)."""
+        if isinstance(settings, Settings):
+            if type(settings) is not cls.settings_type:
+                raise TypeError(f"{cls.__name__} is built from {cls.settings_type.__name__}, got "
+                                f"{type(settings).__name__}")
+            if keywords:
+                raise TypeError(f"give {cls.__name__} its settings or keywords, not both")
+            return settings
+        values = {cls.keywords.get(k, k): v for k, v in keywords.items()}
+        known = cls.settings_type.field_names()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise TypeError(f"{cls.__name__} takes no setting {', '.join(unknown)}; it takes: {', '.join(known)}")
+        if settings is not None:
+            if known[0] in values:
+                raise TypeError(f"{cls.__name__} got {known[0]} twice")
+            values[known[0]] = settings
+        return cls.settings_type(**values)
 
-    @abstractmethod
+    @classmethod
+    def row_columns(cls) -> tuple[str, ...]:
+        """The columns of this method's rows: ``predict``, ``radius``, the common columns, then its own."""
+        return ("predict", "radius", *COMMON_COLUMNS, *(c for c in cls.columns if c not in COMMON_COLUMNS))
+
     def config(self) -> dict[str, Any]:
-        """JSON-serializable settings; a run resumes only if they are unchanged."""
+        """The method's name and settings, JSON-ready; a run resumes only if they are unchanged."""
+        return {"name": self.name, **self.settings.to_dict()}
+
+    @property
+    def uses_memory(self) -> bool:
+        """Whether the method couples inputs through memory-based certification (off for single inputs)."""
+        return False
+
+    def check_sampling(self, n: int | None = None, alpha: float | None = None) -> None:
+        """Check, before any sampling, that the run's ``n`` and ``alpha`` suit the settings (default: any)."""
 
     @abstractmethod
     def certify(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
-                ) -> list[dict[str, Any]]:
-        """One row per input (``predict``, ``radius``, the common columns, then ``columns``)."""
+                ) -> list[MethodRecord]:
+        """One :class:`~smoothcert.methods.records.MethodRecord` per input."""
+
+    def certify_rows(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
+                     ) -> list[dict[str, Any]]:
+        """:meth:`certify`, each record as its row (:func:`~smoothcert.methods.records.record_row`)."""
+        return [record_row(r, self.row_columns()) for r in self.certify(ctx, x, labels, indices)]
 
     def open(self, ctx: RunContext, results: Path, done: Sequence[int]) -> None:
         """Called once before certifying, with the results path and the dataset indices already done.
@@ -111,16 +149,6 @@ class CertifyMethod(ABC):
 
     def close(self) -> None:
         """Called after the last batch (also after an error)."""
-
-
-def argument_group_once(parser: argparse.ArgumentParser, title: str) -> Any:
-    """A new argument group ``title`` on ``parser``, or None when a method has already added it there (methods
-    share option groups, and the command line adds every method's options to one parser)."""
-    added = parser.__dict__.setdefault("_smoothcert_groups", set())
-    if title in added:
-        return None
-    added.add(title)
-    return parser.add_argument_group(title)
 
 
 def method_class(name: str) -> type[CertifyMethod]:

@@ -15,7 +15,7 @@ seed 003):
 3. **Memory-based certification** (seed 000 Algorithm 1): a region chosen after looking at ``x`` may overlap
    the region of an earlier input with another prediction; :class:`~smoothcert.memory.CertificationMemory`
    keeps, shrinks or abstains, in the fixed order of the run. On by default; ``--no-memory`` turns it off
-   (the config records it).
+   (the settings record it).
 
 The chosen noise parameters of every input are saved beside the results log in
 ``<results>.noise/<dataset index>.safetensors`` (:meth:`~smoothcert.noise.Noise.parameters`, with the noise
@@ -33,7 +33,6 @@ certificate, sound for any input) and its row says so in the ``fallback`` column
 
 from __future__ import annotations
 
-import argparse
 import math
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -43,18 +42,44 @@ from typing import Any
 
 import torch
 
+from smoothcert.engine.smooth import Certificate, certify
+from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
 from smoothcert.methods.memory_replay import RunMemory
 from smoothcert.methods.noise_store import NoiseStore
-from smoothcert.noise.gaussian import IsotropicGaussian
-from smoothcert.noise.base import Noise
-from smoothcert.engine.smooth import certify
-from smoothcert.noise.uniform import UniformDiagonal
-from smoothcert.methods.base import CertifyMethod, RunContext, argument_group_once, certificate_row
-
 from smoothcert.methods.optimize import (CPU_PASS_VALUES, GAPS, NotDifferentiable, OptimizationResult, cpu_pass_size,
-                                        optimize_dds)
+                                         optimize_dds)
+from smoothcert.methods.records import MemoryDecision, MethodRecord
+from smoothcert.noise.base import Noise
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.noise.uniform import UniformDiagonal
+from smoothcert.settings import Settings, choice, integer, number, switch
 
-__all__ = ["DataDependentMethod", "Choice"]
+__all__ = ["DataDependentMethod", "DataDependentSettings", "Choice", "norm_setting"]
+
+
+def norm_setting(*norms: str) -> Any:
+    """The ``norm`` field of a method that certifies ``norms`` (the first is the default)."""
+    return choice(norms[0], norms, help="certified norm: l2 (Gaussian noise) or l1 (uniform noise, dds and ancer; "
+                                        "half-width sqrt(3) * sigma per coordinate)")
+
+
+@dataclass(frozen=True)
+class DataDependentSettings(Settings):
+    """What every data-dependent method shares: the base noise, the isotropic (DDS) stage, the norm, memory."""
+
+    sigma: float = sigma_setting()
+    opt_samples: int = integer(100, low=1, help="noise samples per input and optimization step")
+    opt_batch_size: int | None = integer(
+        None, low=1, optional=True,
+        help="noisy inputs per forward and backward pass while optimizing (default: --batch-size on an "
+             f"accelerator; on a CPU about {CPU_PASS_VALUES:,} input values, or one input's samples)")
+    opt_gap: str = choice("pa", GAPS, help="objective gap: pa = Phi^-1(p_A) as certified; top2 = the published "
+                                           "(Phi^-1(p_A) - Phi^-1(p_B)) / 2")
+    dds_steps: int = integer(900, low=0, help="gradient-ascent steps of the isotropic (DDS) stage (0 keeps --sigma)")
+    dds_lr: float = number(0.04, low=0.0, help="learning rate of the DDS stage")
+    norm: str = norm_setting("l2", "l1")
+    memory: bool = switch(True, help="skip memory-based certification (unsound across inputs; for ablations only)")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The method plug-in
@@ -73,80 +98,34 @@ class Choice:
 class DataDependentMethod(CertifyMethod):
     """Base class: subclasses implement :meth:`choose` (noise per input); certification, memory, saving here.
 
-    Row columns after the common ones: ``sigma`` (the run's sigma_0), ``scale_iso`` (the input's isotropic DDS
-    scale: sigma_x, or the uniform half-width), ``min_scale`` / ``max_scale`` (of the certified noise),
-    ``norm`` (l2 or l1), ``radius_norm`` (radius of the largest ball *of that norm* inside the region: equal
-    to ``radius`` for l2; for l1 the smallest semi-axis ``gap * min lambda``, while ``radius`` stays the l2
-    inscribed radius), ``memory`` (kept / shrunk / abstained; ``off`` without memory; ``n/a`` when
+    Record fields (columns after the common ones): ``sigma`` (the run's sigma_0), ``scale_iso`` (the input's
+    isotropic DDS scale: sigma_x, or the uniform half-width), ``min_scale`` / ``max_scale`` (of the certified
+    noise), ``norm`` (l2 or l1), ``radius_norm`` (radius of the largest ball *of that norm* inside the final
+    region: equal to ``radius`` for l2; for l1 the smallest semi-axis ``gap * min lambda``, while ``radius``
+    stays the l2 inscribed radius), ``memory`` (kept / shrunk / abstained; ``off`` without memory; ``n/a`` when
     certification abstained) and ``fallback`` (``none`` or why the isotropic noise at sigma_0 was used).
     """
 
     columns = ("sigma", "scale_iso", "min_scale", "max_scale", "norm", "radius_norm", "memory", "fallback")
-    norms: tuple[str, ...] = ("l2",)
+    settings_type = DataDependentSettings
+    keywords = {"samples": "opt_samples", "gap": "opt_gap", "max_batch": "opt_batch_size"}
 
-    def __init__(self, sigma: float, *, samples: int = 100, dds_steps: int = 900, dds_lr: float = 0.04,
-                 gap: str = "pa", norm: str = "l2", memory: bool = True, max_batch: int | None = None):
-        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) or sigma <= 0:
-            raise ValueError(f"sigma must be a finite number > 0 (the base noise level in input units), got {sigma!r}")
-        if norm not in self.norms:
-            raise ValueError(f"--method {self.name} certifies the norms {', '.join(self.norms)}, got --norm {norm}")
-        if gap not in GAPS:
-            raise ValueError(f"--opt-gap must be one of {', '.join(GAPS)}, got {gap!r}")
-        for label, value, low in (("--opt-samples", samples, 1), ("--dds-steps", dds_steps, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
-        if not (isinstance(dds_lr, (int, float)) and math.isfinite(dds_lr) and dds_lr >= 0):
-            raise ValueError(f"--dds-lr must be a finite number >= 0, got {dds_lr!r}")
-        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-            raise ValueError(f"--opt-batch-size must be an integer >= 1, got {max_batch!r}")
-        self.sigma = float(sigma)
-        self.samples, self.dds_steps, self.dds_lr = samples, dds_steps, float(dds_lr)
-        self.gap, self.norm, self.use_memory, self.max_batch = gap, norm, bool(memory), max_batch
+    def __init__(self, settings: Any = None, /, **keywords: Any):
+        super().__init__(settings, **keywords)
         self.memory: RunMemory | None = None
         self.noise_store: NoiseStore | None = None
-        #: The :class:`~smoothcert.smooth.Certificate` records of the last batch (before memory), for inspection.
-        self.last_certificates: list = []
 
-    # -- options -------------------------------------------------------------------------------------------
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = argument_group_once(parser, "data-dependent smoothing (dds, ancer, rancer, rancer-best, rddrs)")
-        if g is None:
-            return
-        g.add_argument("--opt-samples", type=int, default=100,
-                       help="noise samples per input and optimization step (default 100)")
-        g.add_argument("--opt-batch-size", type=int, default=None,
-                       help="noisy inputs per forward and backward pass while optimizing (default: --batch-size on "
-                            f"an accelerator; on a CPU about {CPU_PASS_VALUES:,} input values, or one input's samples)")
-        g.add_argument("--opt-gap", choices=GAPS, default="pa",
-                       help="objective gap: pa = Phi^-1(p_A) as certified (default); top2 = the published "
-                            "(Phi^-1(p_A) - Phi^-1(p_B)) / 2")
-        g.add_argument("--dds-steps", type=int, default=900,
-                       help="gradient-ascent steps of the isotropic (DDS) stage (default 900; 0 keeps --sigma)")
-        g.add_argument("--dds-lr", type=float, default=0.04, help="learning rate of the DDS stage (default 0.04)")
-        g.add_argument("--ancer-steps", type=int, default=100, help="Adam steps of ANCER / RANCER (default 100)")
-        g.add_argument("--ancer-lr", type=float, default=0.04, help="Adam learning rate of ANCER / RANCER (0.04)")
-        g.add_argument("--kappa", type=float, default=2.0,
-                       help="weight of the min-scale term in ANCER / RANCER's objective (default 2)")
-        g.add_argument("--norm", choices=("l2", "l1"), default="l2",
-                       help="certified norm: l2 (Gaussian noise) or l1 (uniform noise, dds and ancer; "
-                            "half-width sqrt(3) * sigma per coordinate)")
-        g.add_argument("--no-memory", action="store_true",
-                       help="skip memory-based certification (unsound across inputs; for ablations only)")
+    @property
+    def sigma(self) -> float:
+        return self.settings.sigma
 
-    @classmethod
-    def common_kwargs(cls, args: argparse.Namespace) -> dict[str, Any]:
-        return dict(samples=args.opt_samples, dds_steps=args.dds_steps, dds_lr=args.dds_lr, gap=args.opt_gap,
-                    norm=args.norm, memory=not args.no_memory, max_batch=args.opt_batch_size)
+    @property
+    def norm(self) -> str:
+        return self.settings.norm
 
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "sigma": self.sigma, "opt_samples": self.samples, "dds_steps": self.dds_steps,
-                "dds_lr": self.dds_lr, "opt_gap": self.gap, "norm": self.norm, "memory": self.use_memory,
-                "opt_batch_size": self.max_batch, **self.stage_config()}
-
-    def stage_config(self) -> dict[str, Any]:
-        """Settings of the method's own stages (added to :meth:`config`)."""
-        return {}
+    @property
+    def uses_memory(self) -> bool:
+        return self.settings.memory
 
     # -- the method's own step -----------------------------------------------------------------------------
     @abstractmethod
@@ -170,61 +149,70 @@ class DataDependentMethod(CertifyMethod):
 
     def dds_stage(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> OptimizationResult:
         """The isotropic scale per input (seed 000 eq. 3.7), from the ``optimize-dds`` streams."""
+        s = self.settings
         return optimize_dds(ctx.model, x, self.base_scale, generators=ctx.generators(indices, "optimize-dds"),
-                            steps=self.dds_steps, lr=self.dds_lr, samples=self.samples, family=self.family,
-                            gap=self.gap, max_batch=self.opt_batch(ctx, x))
+                            steps=s.dds_steps, lr=s.dds_lr, samples=s.opt_samples, family=self.family,
+                            gap=s.opt_gap, max_batch=self.opt_batch(ctx, x))
 
     def opt_batch(self, ctx: RunContext, x: torch.Tensor, samples: int | None = None) -> int:
         """Noisy inputs per forward and backward pass of an optimizer for the inputs ``x``: ``--opt-batch-size``
         when given, else ``--batch-size`` on an accelerator, and on a CPU at most :func:`cpu_pass_size` (but one
         input's ``samples`` always share a pass)."""
-        if self.max_batch:
-            return self.max_batch
+        if self.settings.opt_batch_size:
+            return self.settings.opt_batch_size
         if ctx.device.type != "cpu":
             return ctx.batch_size
-        return min(ctx.batch_size, max(cpu_pass_size(x[0].numel()), samples or self.samples))
+        return min(ctx.batch_size, max(cpu_pass_size(x[0].numel()), samples or self.settings.opt_samples))
 
     def fallback_choices(self, b: int, reason: str) -> list[Choice]:
         return [Choice(self.base_noise(), {}, reason) for _ in range(b)]
 
     # -- certify -------------------------------------------------------------------------------------------
     def certify(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
-                ) -> list[dict[str, Any]]:
+                ) -> list[MethodRecord]:
         try:
             choices = self.choose(ctx, x, indices)
         except NotDifferentiable as e:
             choices = self.fallback_choices(x.shape[0], "not-differentiable: " + " ".join(str(e).split()))
-        noises = [c.noise for c in choices]
-        certs = certify(ctx.model, x, noises, ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
+        certs = certify(ctx.model, x, [c.noise for c in choices], ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
                         batch_size=ctx.batch_size, block=ctx.block, generators=ctx.certify_generators(indices),
                         dtype=ctx.dtype, seed=ctx.seed)
-        self.last_certificates = certs
-        rows = []
-        for i, (idx, choice, cert) in enumerate(zip(indices, choices, certs)):
+        records = []
+        for i, (idx, chosen, cert) in enumerate(zip(indices, choices, certs)):
             if self.noise_store is not None:
-                self.noise_store.save(int(idx), choice.noise)
-            row = certificate_row(cert, self.name)
-            scales = torch.as_tensor(choice.noise.scales(), dtype=torch.float64).reshape(-1)
-            row.update(sigma=self.sigma, scale_iso=float(choice.extra.pop("scale_iso", float("nan"))),
-                       min_scale=float(scales.min()), max_scale=float(scales.max()), norm=self.norm,
-                       radius_norm=0.0 if cert.abstained else cert.region.norm_radius,
-                       fallback=choice.fallback, memory="off" if not self.use_memory else "n/a")
-            if self.use_memory:
-                if self.memory is None:  # used without open(): an in-process memory, still sound in this process
-                    self.memory = RunMemory()
-                action, region, radius = self.memory.remember(int(idx), x[i], cert)
-                if not cert.abstained:
-                    row["memory"] = action
-                if action == "abstained":
-                    row.update(predict=-1, radius=0.0, radius_proxy=0.0, radius_norm=0.0)
-                elif action == "shrunk":  # an l2 ball of radius r holds the l1 ball of radius r too
-                    row.update(radius=float(radius), radius_proxy=float(region.proxy_radius),
-                               radius_norm=float(radius))
-            row.update({k: v for k, v in choice.extra.items() if k in self.columns})
-            for column in self.columns:
-                row.setdefault(column, "none")
-            rows.append(row)
-        return rows
+                self.noise_store.save(int(idx), chosen.noise)
+            decision = self.remember(int(idx), x[i], cert)
+            records.append(MethodRecord(self.name, cert, cert.region, self.record_fields(chosen, cert, decision),
+                                        decision))
+        return records
+
+    def remember(self, index: int, center: torch.Tensor, cert: Certificate) -> MemoryDecision | None:
+        """Memory-based certification of one certificate (seed 000 Algorithm 1); None with memory off."""
+        if not self.uses_memory:
+            return None
+        if self.memory is None:  # used without open(): an in-process memory, still sound in this process
+            self.memory = RunMemory()
+        return MemoryDecision(*self.memory.remember(index, center, cert))
+
+    def record_fields(self, chosen: Choice, cert: Certificate, decision: MemoryDecision | None) -> dict[str, Any]:
+        """The method's columns for one input, given the memory's decision."""
+        extra = dict(chosen.extra)
+        scales = torch.as_tensor(chosen.noise.scales(), dtype=torch.float64).reshape(-1)
+        if cert.abstained or (decision is not None and decision.action == "abstained"):
+            radius_norm = 0.0
+        elif decision is not None and decision.action == "shrunk":  # an l2 ball of radius r holds the l1 ball too
+            radius_norm = float(decision.radius)
+        else:
+            radius_norm = cert.region.norm_radius
+        if decision is None:
+            memory = "off"
+        else:
+            memory = "n/a" if cert.abstained else decision.action
+        fields = {"sigma": self.sigma, "scale_iso": float(extra.pop("scale_iso", float("nan"))),
+                  "min_scale": float(scales.min()), "max_scale": float(scales.max()), "norm": self.norm,
+                  "radius_norm": radius_norm, "memory": memory, "fallback": chosen.fallback}
+        fields.update({k: v for k, v in extra.items() if k in self.columns})
+        return {column: fields.get(column, "none") for column in self.columns}
 
     def open(self, ctx: RunContext, results: Path, done: Sequence[int]) -> None:
         self.noise_store = NoiseStore(results, self.name)
@@ -234,7 +222,7 @@ class DataDependentMethod(CertifyMethod):
             raise ValueError(f"{results} has {len(done)} rows but {self.noise_store.folder} lacks the noise parameters of "
                              f"{len(missing)} of them (e.g. index {missing[0]}), or holds another method's: the log "
                              "and its noise folder do not belong together; use another output path")
-        if self.use_memory:
+        if self.uses_memory:
             self.memory = RunMemory.open(Path(results), self.memory_fingerprint(ctx), done)
 
     def memory_fingerprint(self, ctx: RunContext) -> dict[str, Any]:

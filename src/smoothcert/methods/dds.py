@@ -15,7 +15,6 @@ half-width ``lambda`` of uniform noise ``U[-lambda, lambda]^d`` (start ``sqrt(3)
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.noise.uniform import UniformDiagonal
 from smoothcert.methods.base import RunContext
-from smoothcert.methods.datadependent import Choice, DataDependentMethod
+from smoothcert.methods.datadependent import Choice, DataDependentMethod, DataDependentSettings
 from smoothcert.methods.optimize import optimize_dds
 
 __all__ = ["optimize_dds", "DDS"]
@@ -33,11 +32,7 @@ class DDS(DataDependentMethod):
     """``--method dds``: per-input isotropic sigma (seed 000 eq. 3.7), certified with memory."""
 
     name = "dds"
-    norms = ("l2", "l1")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DDS":
-        return cls(args.sigma, **cls.common_kwargs(args))
+    settings_type = DataDependentSettings
 
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
         result = self.dds_stage(ctx, x, indices)

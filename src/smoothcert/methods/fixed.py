@@ -6,11 +6,20 @@ l2 ball of radius ``sigma * Phi^-1(p_A)`` (seed 000 eq. 3.3).
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
-from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.engine.smooth import certify
-from smoothcert.methods.base import CertifyMethod, RunContext, certificate_row
+from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
+from smoothcert.methods.records import MethodRecord
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.settings import Settings
+
+
+@dataclass(frozen=True)
+class FixedSettings(Settings):
+    """Cohen's CERTIFY: the noise level alone."""
+
+    sigma: float = sigma_setting()
 
 
 class FixedSigma(CertifyMethod):
@@ -18,19 +27,16 @@ class FixedSigma(CertifyMethod):
 
     name = "fixed"
     columns = ("sigma",)
+    settings_type = FixedSettings
+    samples_only = True
 
-    def __init__(self, sigma: float):
-        self.noise = IsotropicGaussian(sigma)
+    def __init__(self, settings: FixedSettings | float | None = None, /, **keywords):
+        """``FixedSigma(FixedSettings(0.25))``, ``FixedSigma(0.25)`` or ``FixedSigma(sigma=0.25)``."""
+        super().__init__(settings, **keywords)
+        self.noise = IsotropicGaussian(self.settings.sigma)
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "FixedSigma":
-        return cls(args.sigma)
-
-    def config(self):
-        return {"name": self.name, "sigma": self.noise.sigma}
-
-    def certify(self, ctx: RunContext, x, labels, indices):
+    def certify(self, ctx: RunContext, x, labels, indices) -> list[MethodRecord]:
         certs = certify(ctx.model, x, self.noise, ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
                         batch_size=ctx.batch_size, block=ctx.block, generators=ctx.certify_generators(indices),
                         dtype=ctx.dtype, seed=ctx.seed)
-        return [{**certificate_row(c, self.name), "sigma": self.noise.sigma} for c in certs]
+        return [MethodRecord(self.name, c, c.region, {"sigma": self.noise.sigma}) for c in certs]

@@ -21,8 +21,8 @@ larger wins, and only the winner is certified on the fresh ``select`` / ``estima
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,70 +33,52 @@ from smoothcert.methods.hessian import METHODS as HESSIAN_METHODS, hessian_basis
 from smoothcert.noise.gaussian import DiagonalGaussian, RotatedGaussian
 from smoothcert.engine.sampling import sample_counts
 from smoothcert.stats.bounds import gap as normal_gap
-from smoothcert.methods.ancer import ANCER, optimize_ancer
-from smoothcert.methods.base import RunContext, argument_group_once
+from smoothcert.methods.ancer import ANCER, ANCERSettings, optimize_ancer
+from smoothcert.methods.base import RunContext
 from smoothcert.methods.optimize import CLAMP
-from smoothcert.methods.datadependent import Choice
+from smoothcert.methods.datadependent import Choice, norm_setting
+from smoothcert.settings import choice, integer, number
 
-__all__ = ["RANCER", "RANCERBest"]
+__all__ = ["RANCER", "RANCERBest", "RANCERSettings", "RANCERBestSettings"]
+
+
+@dataclass(frozen=True)
+class RANCERSettings(ANCERSettings):
+    """ANCER's settings (l2 only), then the clipping window (seed 000 eq. 4.8) and the Hessian's form."""
+
+    norm: str = norm_setting("l2")
+    rancer_lambda1: float = number(0.5, low=0.0, high=1.0, high_open=True,
+                                   help="theta >= theta_iso (1 - lambda1) during optimization (seed 000 eq. 4.8)")
+    rancer_lambda2: float = number(0.5, low=0.0, help="theta <= theta_iso (1 + lambda2) during optimization")
+    hessian: str = choice("auto", HESSIAN_METHODS, help="Hessian form: auto (Jacobian form for piecewise-linear "
+                                                        "networks), jacobian, double")
+
+
+@dataclass(frozen=True)
+class RANCERBestSettings(RANCERSettings):
+    """RANCER's settings and the samples of the choice between ANCER and RANCER."""
+
+    select_samples: int = integer(1000, low=1, help="samples per candidate on the separate choose stream")
 
 
 class RANCER(ANCER):
     """``--method rancer``: DDS, Hessian eigenvector basis, clipped ANCER optimization in that basis; memory."""
 
     name = "rancer"
-    norms = ("l2",)
     columns = ANCER.columns + ("basis",)
-
-    def __init__(self, sigma: float, *, lambda1: float = 0.5, lambda2: float = 0.5, hessian: str = "auto",
-                 **kwargs: Any):
-        super().__init__(sigma, **kwargs)
-        if not (isinstance(lambda1, (int, float)) and 0 <= lambda1 < 1):
-            raise ValueError(f"--rancer-lambda1 must be in [0, 1) (the window's lower end is theta_iso (1 - "
-                             f"lambda1) > 0), got {lambda1!r}")
-        if not (isinstance(lambda2, (int, float)) and 0 <= lambda2 < float("inf")):
-            raise ValueError(f"--rancer-lambda2 must be a finite number >= 0, got {lambda2!r}")
-        if hessian not in HESSIAN_METHODS:
-            raise ValueError(f"--hessian must be one of {', '.join(HESSIAN_METHODS)}, got {hessian!r}")
-        self.lambda1, self.lambda2, self.hessian = float(lambda1), float(lambda2), hessian
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        super().add_arguments(parser)
-        g = argument_group_once(parser, "rancer, rancer-best")
-        if g is None:
-            return
-        g.add_argument("--rancer-lambda1", type=float, default=0.5,
-                       help="theta >= theta_iso (1 - lambda1) during optimization (seed 000 eq. 4.8; default 0.5)")
-        g.add_argument("--rancer-lambda2", type=float, default=0.5,
-                       help="theta <= theta_iso (1 + lambda2) during optimization (default 0.5)")
-        g.add_argument("--hessian", choices=HESSIAN_METHODS, default="auto",
-                       help="Hessian form: auto (Jacobian form for piecewise-linear networks), jacobian, double")
-        g.add_argument("--select-samples", type=int, default=1000,
-                       help="rancer-best: samples per candidate on the separate choose stream (default 1000)")
-
-    @classmethod
-    def rancer_kwargs(cls, args: argparse.Namespace) -> dict[str, Any]:
-        return dict(lambda1=args.rancer_lambda1, lambda2=args.rancer_lambda2, hessian=args.hessian,
-                    steps=args.ancer_steps, lr=args.ancer_lr, kappa=args.kappa, **cls.common_kwargs(args))
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "RANCER":
-        return cls(args.sigma, **cls.rancer_kwargs(args))
-
-    def stage_config(self) -> dict[str, Any]:
-        return {**super().stage_config(), "rancer_lambda1": self.lambda1, "rancer_lambda2": self.lambda2,
-                "hessian": self.hessian}
+    settings_type = RANCERSettings
+    keywords = {**ANCER.keywords, "lambda1": "rancer_lambda1", "lambda2": "rancer_lambda2"}
 
     def optimize_rotated(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int], iso
                          ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """(RANCER result, basis (B, d, d) float64, finite-Hessian mask) given the DDS result ``iso``."""
-        basis, _, finite, _ = hessian_basis(ctx.model, x, self.hessian)
+        s = self.settings
+        basis, _, finite, _ = hessian_basis(ctx.model, x, s.hessian)
         scale = iso.params
         result = optimize_ancer(ctx.model, x, scale, generators=ctx.generators(indices, "optimize-rancer"),
-                                lower=scale * (1 - self.lambda1), upper=scale * (1 + self.lambda2), basis=basis,
-                                steps=self.steps, lr=self.lr, samples=self.samples, kappa=self.kappa,
-                                gap=self.gap, classes=iso.classes, max_batch=self.opt_batch(ctx, x))
+                                lower=scale * (1 - s.rancer_lambda1), upper=scale * (1 + s.rancer_lambda2),
+                                basis=basis, steps=s.ancer_steps, lr=s.ancer_lr, samples=s.opt_samples,
+                                kappa=s.kappa, gap=s.opt_gap, classes=iso.classes, max_batch=self.opt_batch(ctx, x))
         return result, basis, finite
 
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
@@ -118,27 +100,16 @@ class RANCERBest(RANCER):
 
     name = "rancer-best"
     columns = RANCER.columns + ("chosen", "proxy_ancer", "proxy_rancer")
-
-    def __init__(self, sigma: float, *, select_samples: int = 1000, **kwargs: Any):
-        super().__init__(sigma, **kwargs)
-        if isinstance(select_samples, bool) or not isinstance(select_samples, int) or select_samples < 1:
-            raise ValueError(f"--select-samples must be an integer >= 1, got {select_samples!r}")
-        self.select_samples = select_samples
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "RANCERBest":
-        return cls(args.sigma, select_samples=args.select_samples, **cls.rancer_kwargs(args))
-
-    def stage_config(self) -> dict[str, Any]:
-        return {**super().stage_config(), "select_samples": self.select_samples}
+    settings_type = RANCERBestSettings
 
     def estimated_proxy(self, ctx: RunContext, x: torch.Tensor, noises: Sequence, classes: torch.Tensor,
                         generators: Sequence[torch.Generator]) -> np.ndarray:
         """``gap(p_hat) * geomean(scales)`` per input, ``p_hat`` from the ``choose`` stream (never certification)."""
-        counts = sample_counts(ctx.model, x, list(noises), self.select_samples, ctx.num_classes,
+        samples = self.settings.select_samples
+        counts = sample_counts(ctx.model, x, list(noises), samples, ctx.num_classes,
                                batch_size=ctx.batch_size, block=ctx.block, generators=generators, dtype=ctx.dtype)
         hits = counts.gather(1, classes.to(counts.device)[:, None])[:, 0].cpu().numpy()
-        p_hat = np.clip(hits / self.select_samples, *CLAMP)
+        p_hat = np.clip(hits / samples, *CLAMP)
         geo = np.array([float(geometric_mean(torch.as_tensor(n.scales(), dtype=torch.float64))) for n in noises])
         return np.asarray(normal_gap(p_hat)) * geo
 

@@ -29,19 +29,19 @@ each input carries a 784 x 784 matrix: two eigen-decompositions per step, slow o
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from smoothcert.geometry.linalg import geometric_mean
 from smoothcert.noise.gaussian import FullGaussian
-from smoothcert.methods.base import RunContext, argument_group_once
-from smoothcert.methods.datadependent import Choice, DataDependentMethod
-from smoothcert.methods.optimize import (OptimizationResult, check_stage, check_optimizer_arguments, class_slots, classes_of, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from smoothcert.methods.base import RunContext
+from smoothcert.methods.datadependent import Choice, DataDependentMethod, DataDependentSettings, norm_setting
+from smoothcert.methods.optimize import (OptimizationResult, check_optimizer_arguments, class_slots, classes_of, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from smoothcert.settings import integer, number
 
-__all__ = ["optimize_rddrs", "spd_exp", "RDDRS"]
+__all__ = ["optimize_rddrs", "spd_exp", "RDDRS", "RDDRSSettings"]
 
 
 def _sym(a: torch.Tensor) -> torch.Tensor:
@@ -164,46 +164,33 @@ def optimize_rddrs(
         lambda v, rows: torch.bmm(v.reshape(*v.shape[:2], d), scale[rows]).reshape(*v.shape[:2], *shape), max_batch))
 
 
+@dataclass(frozen=True)
+class RDDRSSettings(DataDependentSettings):
+    """The DDS settings (l2 only), then the Riemannian ascent (seed 003 eq. 5-6)."""
+
+    norm: str = norm_setting("l2")
+    rddrs_steps: int = integer(100, low=0, help="Riemannian ascent steps")
+    rddrs_lr: float = number(1.0, low=0.0, help="step size gamma")
+    rddrs_samples: int = integer(1000, low=1, help="Monte Carlo samples per step for the gradient of G "
+                                                   "(the paper: 20000)")
+    rddrs_kappa: float = number(1e-6, low=0.0, help="weight of the min-eigenvalue term")
+
+
 class RDDRS(DataDependentMethod):
     """``--method rddrs``: DDS, then a full SPD scale by Riemannian ascent (seed 003 eq. 5-6); memory."""
 
     name = "rddrs"
-
-    def __init__(self, sigma: float, *, steps: int = 100, lr: float = 1.0, rddrs_samples: int = 1000,
-                 kappa: float = 1e-6, **common: Any):
-        super().__init__(sigma, **common)
-        check_stage(steps, lr, kappa)
-        if isinstance(rddrs_samples, bool) or not isinstance(rddrs_samples, int) or rddrs_samples < 1:
-            raise ValueError(f"--rddrs-samples must be an integer >= 1, got {rddrs_samples!r}")
-        self.steps, self.lr, self.rddrs_samples, self.kappa = steps, float(lr), rddrs_samples, float(kappa)
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        super().add_arguments(parser)
-        g = argument_group_once(parser, "rddrs")
-        if g is None:
-            return
-        g.add_argument("--rddrs-steps", type=int, default=100, help="Riemannian ascent steps (default 100)")
-        g.add_argument("--rddrs-lr", type=float, default=1.0, help="step size gamma (default 1)")
-        g.add_argument("--rddrs-samples", type=int, default=1000,
-                       help="Monte Carlo samples per step for the gradient of G (default 1000; the paper: 20000)")
-        g.add_argument("--rddrs-kappa", type=float, default=1e-6, help="weight of the min-eigenvalue term (1e-6)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "RDDRS":
-        return cls(args.sigma, steps=args.rddrs_steps, lr=args.rddrs_lr, rddrs_samples=args.rddrs_samples,
-                   kappa=args.rddrs_kappa, **cls.common_kwargs(args))
-
-    def stage_config(self) -> dict[str, Any]:
-        return {"rddrs_steps": self.steps, "rddrs_lr": self.lr, "rddrs_samples": self.rddrs_samples,
-                "rddrs_kappa": self.kappa}
+    settings_type = RDDRSSettings
+    keywords = {**DataDependentMethod.keywords, "steps": "rddrs_steps", "lr": "rddrs_lr", "kappa": "rddrs_kappa"}
 
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
+        s = self.settings
         iso = self.dds_stage(ctx, x, indices)
         floor = torch.where(iso.finite, iso.params, torch.full_like(iso.params, self.sigma)).double()
         result = optimize_rddrs(ctx.model, x, floor, generators=ctx.generators(indices, "optimize-rddrs"),
-                                steps=self.steps, lr=self.lr, samples=self.rddrs_samples, kappa=self.kappa,
-                                gap=self.gap, classes=iso.classes, max_batch=self.opt_batch(ctx, x, self.rddrs_samples))
+                                steps=s.rddrs_steps, lr=s.rddrs_lr, samples=s.rddrs_samples, kappa=s.rddrs_kappa,
+                                gap=s.opt_gap, classes=iso.classes,
+                                max_batch=self.opt_batch(ctx, x, s.rddrs_samples))
         choices = []
         for i in range(x.shape[0]):
             if not (bool(iso.finite[i]) and bool(result.finite[i])):

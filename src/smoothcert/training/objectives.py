@@ -19,22 +19,27 @@ Objectives (seed 002 chapter 3-4, seed 001 "adversarial training for smoothed cl
 - ``macer``: MACER (Zhai et al.; seed 002 eq. 3.3 with the hinge on the certified radius).
 - ``smoothadv``: SmoothAdv (Salman et al.; seed 001), PGD against the soft smoothed classifier.
 
-:func:`make_objective` builds one by name; unknown names and bad hyperparameters raise ``ValueError``.
+:func:`make_objective` builds one by name; unknown names and bad hyperparameters raise ``ValueError``. Each
+objective's hyperparameters are a settings dataclass (:mod:`smoothcert.settings`): ``Objective(settings)`` or
+``Objective(**hyperparameters)``; the command line builds ``smoothcert train``'s options from them.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoothcert.settings import Settings, integer, number
+
 __all__ = [
     "Objective", "GaussianAugmentation", "Consistency", "GeneralizedConsistency", "Macer", "SmoothAdv",
-    "OBJECTIVES", "make_objective", "standard_noise",
+    "OBJECTIVES", "make_objective", "standard_noise", "GaussianSettings", "ConsistencySettings", "MacerSettings",
+    "SmoothAdvSettings",
 ]
 
 
@@ -51,22 +56,46 @@ def _noisy_logits(model: nn.Module, x: torch.Tensor, w: torch.Tensor, sigma: flo
     return logits.view(b, m, -1)
 
 
-def _nonnegative(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+def _copies(default: int) -> Any:
+    """Noisy copies per input (``m``, MACER's ``k``): one ``--num-noise`` option for every objective."""
+    return integer(default, low=1, help="noisy copies per input", flag="--num-noise")
 
 
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+@dataclass(frozen=True)
+class GaussianSettings(Settings):
+    """Gaussian augmentation: noisy copies per input."""
+
+    m: int = _copies(1)
 
 
-def _count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class ConsistencySettings(Settings):
+    """Consistency regularization (and its generalized form): copies, KL weight, entropy weight."""
+
+    m: int = _copies(2)
+    lbd: float = number(10.0, low=0.0, help="weight of the KL consistency term")
+    eta: float = number(0.5, low=0.0, help="weight of the entropy of the mean prediction")
+
+
+@dataclass(frozen=True)
+class MacerSettings(Settings):
+    """MACER: copies, hinge weight and threshold, inverse temperature, epochs before the hinge."""
+
+    k: int = _copies(16)
+    lbd: float = number(12.0, low=0.0, help="weight of the radius hinge")
+    gamma: float = number(8.0, low=0.0, help="hinge threshold on Phi^-1(p_A) - Phi^-1(p_B)")
+    beta: float = number(16.0, low=0.0, low_open=True, help="inverse temperature")
+    warmup: int = integer(0, low=0, help="epochs before the radius hinge joins")
+
+
+@dataclass(frozen=True)
+class SmoothAdvSettings(Settings):
+    """SmoothAdv: attack radius, PGD steps, noise draws, epochs of epsilon warm-up."""
+
+    epsilon: float = number(1.0, low=0.0, help="l2 attack radius in input units (0.5 suits MNIST)")
+    steps: int = integer(10, low=1, help="PGD steps", flag="--pgd-steps")
+    m: int = _copies(4)
+    warmup: int = integer(10, low=1, help="epochs of linear epsilon warm-up")
 
 
 class Objective(ABC):
@@ -79,8 +108,20 @@ class Objective(ABC):
     """
 
     name: ClassVar[str]
-    #: standard-normal draws per input that :meth:`loss` consumes (the second dimension of ``noise``).
-    num_noise: int = 1
+    settings_type: ClassVar[type[Settings]]
+
+    def __init__(self, settings: Settings | None = None, /, **hyperparameters: Any):
+        """From the objective's settings, or from its hyperparameters by name (defaults for those not given)."""
+        if settings is None:
+            settings = self.settings_type(**hyperparameters)
+        elif hyperparameters or type(settings) is not self.settings_type:
+            raise TypeError(f"{type(self).__name__} is built from {self.settings_type.__name__} or from keywords")
+        self.settings = settings
+
+    @property
+    def num_noise(self) -> int:
+        """Standard-normal draws per input that :meth:`loss` consumes (the second dimension of ``noise``)."""
+        return self.settings.m
 
     @abstractmethod
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, *,
@@ -90,7 +131,7 @@ class Objective(ABC):
         draws from ``generator``."""
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {}
+        return self.settings.to_dict()
 
     def config(self) -> dict[str, Any]:
         return {"objective": self.name, **self.hyperparameters()}
@@ -118,12 +159,7 @@ class GaussianAugmentation(Objective):
     """
 
     name = "gaussian"
-
-    def __init__(self, m: int = 1):
-        self.num_noise = _count("m (noisy copies per input)", m)
-
-    def hyperparameters(self):
-        return {"m": self.num_noise}
+    settings_type = GaussianSettings
 
     def loss(self, model, x, y, sigma, *, generator=None, noise=None):
         w = self._noise(x, generator, noise)
@@ -156,21 +192,14 @@ class Consistency(Objective):
     """
 
     name = "consistency"
-
-    def __init__(self, m: int = 2, lbd: float = 10.0, eta: float = 0.5):
-        self.num_noise = _count("m (noisy copies per input)", m)
-        self.lbd = _nonnegative("lbd (weight of the KL consistency term)", lbd)
-        self.eta = _nonnegative("eta (weight of the entropy term)", eta)
-
-    def hyperparameters(self):
-        return {"m": self.num_noise, "lbd": self.lbd, "eta": self.eta}
+    settings_type = ConsistencySettings
 
     def loss(self, model, x, y, sigma, *, generator=None, noise=None):
         w = self._noise(x, generator, noise)
         logits = _noisy_logits(model, x, w, sigma)
         b, m, k = logits.shape
         ce = F.cross_entropy(logits.reshape(b * m, k), y.repeat_interleave(m), reduction="none").view(b, m).mean(1)
-        reg, p_hat = _consistency_terms(logits, self.lbd, self.eta)
+        reg, p_hat = _consistency_terms(logits, self.settings.lbd, self.settings.eta)
         return (ce + reg).mean(), torch.log(p_hat.clamp_min(1e-20)).detach()
 
 
@@ -197,7 +226,7 @@ class GeneralizedConsistency(Consistency):
         logits = _noisy_logits(model, x, w, sigma)
         mean_logits = logits.mean(dim=1)
         accuracy = F.cross_entropy(mean_logits, y, reduction="none")
-        reg, p_hat = _consistency_terms(logits, self.lbd, self.eta)
+        reg, p_hat = _consistency_terms(logits, self.settings.lbd, self.settings.eta)
         correct = (p_hat.detach().argmax(dim=1) == y).to(reg.dtype)
         return (accuracy + correct * reg).mean(), mean_logits.detach()
 
@@ -226,22 +255,18 @@ class Macer(Objective):
     """
 
     name = "macer"
+    settings_type = MacerSettings
 
-    def __init__(self, k: int = 16, lbd: float = 12.0, gamma: float = 8.0, beta: float = 16.0, warmup: int = 0):
-        self.num_noise = _count("k (noisy copies per input)", k)
-        self.lbd = _nonnegative("lbd (weight of the radius hinge)", lbd)
-        self.gamma = _nonnegative("gamma (hinge threshold on Phi^-1(p_A) - Phi^-1(p_B))", gamma)
-        self.beta = _positive("beta (inverse temperature)", beta)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup (epochs without the hinge) must be an integer >= 0, got {warmup!r}")
-        self.warmup = warmup
-        self.current_lbd = self.lbd
+    def __init__(self, settings: MacerSettings | None = None, /, **hyperparameters: Any):
+        super().__init__(settings, **hyperparameters)
+        self.current_lbd = self.settings.lbd
 
-    def hyperparameters(self):
-        return {"k": self.num_noise, "lbd": self.lbd, "gamma": self.gamma, "beta": self.beta, "warmup": self.warmup}
+    @property
+    def num_noise(self) -> int:
+        return self.settings.k
 
     def start_epoch(self, epoch: int) -> None:
-        self.current_lbd = 0.0 if epoch < self.warmup else self.lbd
+        self.current_lbd = 0.0 if epoch < self.settings.warmup else self.settings.lbd
 
     def loss(self, model, x, y, sigma, *, generator=None, noise=None):
         w = self._noise(x, generator, noise)
@@ -249,14 +274,15 @@ class Macer(Objective):
         g = F.softmax(logits, dim=-1).mean(dim=1)
         log_g = torch.log(g + 1e-10)
         classification = F.nll_loss(log_g, y, reduction="sum")
-        g_beta = F.softmax(self.beta * logits, dim=-1).mean(dim=1)
+        beta, gamma = self.settings.beta, self.settings.gamma
+        g_beta = F.softmax(beta * logits, dim=-1).mean(dim=1)
         top2, index = g_beta.topk(2, dim=1)
         with torch.no_grad():
             xi = _normal_ppf(top2[:, 0]) - _normal_ppf(top2[:, 1])
-            active = (index[:, 0] == y) & torch.isfinite(xi) & (xi < self.gamma)
+            active = (index[:, 0] == y) & torch.isfinite(xi) & (xi < gamma)
         # select before Phi^-1 so no infinite value enters the backward pass
         p_a, p_b = top2[active, 0], top2[active, 1]
-        hinge = self.gamma - (_normal_ppf(p_a) - _normal_ppf(p_b))
+        hinge = gamma - (_normal_ppf(p_a) - _normal_ppf(p_b))
         robustness = sigma / 2 * hinge.sum()
         return (classification + self.current_lbd * robustness) / x.shape[0], log_g.detach()
 
@@ -278,19 +304,15 @@ class SmoothAdv(Objective):
     """
 
     name = "smoothadv"
+    settings_type = SmoothAdvSettings
 
-    def __init__(self, epsilon: float = 1.0, steps: int = 10, m: int = 4, warmup: int = 10):
-        self.epsilon = _nonnegative("epsilon (l2 radius of the attack, input units)", epsilon)
-        self.steps = _count("steps (PGD steps)", steps)
-        self.num_noise = _count("m (noise draws per input)", m)
-        self.warmup = _count("warmup (epochs of epsilon warm-up)", warmup)
-        self.current_epsilon = self.epsilon
-
-    def hyperparameters(self):
-        return {"epsilon": self.epsilon, "steps": self.steps, "m": self.num_noise, "warmup": self.warmup}
+    def __init__(self, settings: SmoothAdvSettings | None = None, /, **hyperparameters: Any):
+        super().__init__(settings, **hyperparameters)
+        self.current_epsilon = self.settings.epsilon
 
     def start_epoch(self, epoch: int) -> None:
-        self.current_epsilon = min(self.epsilon, (epoch + 1) * self.epsilon / self.warmup)
+        epsilon = self.settings.epsilon
+        self.current_epsilon = min(epsilon, (epoch + 1) * epsilon / self.settings.warmup)
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, w: torch.Tensor,
                epsilon: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -299,12 +321,13 @@ class SmoothAdv(Objective):
             return x.detach()
         was_training = model.training
         model.eval()
-        step = 2 * epsilon / self.steps
+        steps = self.settings.steps
+        step = 2 * epsilon / steps
         x = x.detach()
         view = (-1,) + (1,) * (x.ndim - 1)
         delta = torch.zeros_like(x)
         try:
-            for _ in range(self.steps):
+            for _ in range(steps):
                 delta.requires_grad_(True)
                 probs = F.softmax(_noisy_logits(model, x + delta, w, sigma), dim=-1).mean(dim=1)
                 loss = F.nll_loss(torch.log(probs.clamp_min(1e-20)), y, reduction="sum")
@@ -353,9 +376,9 @@ def make_objective(name: str | Objective, **hyperparameters: Any) -> Objective:
         raise ValueError(f"unknown objective {name!r}; choose one of: {', '.join(OBJECTIVES)}")
     cls = OBJECTIVES[name]
     given = {k: v for k, v in hyperparameters.items() if v is not None}
-    allowed = list(cls().hyperparameters())
+    allowed = list(cls.settings_type.field_names())
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise ValueError(f"objective {name!r} takes no hyperparameter {', '.join(unknown)}; "
                          f"it takes: {', '.join(allowed)}")
-    return cls(**given)
+    return cls(cls.settings_type(**given))

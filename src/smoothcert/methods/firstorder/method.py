@@ -10,16 +10,35 @@ same ``p_A`` bound (``nan`` for norms not asked for), ``radius_sub_*`` the subsp
 
 from __future__ import annotations
 
-import argparse
 import math
+from dataclasses import dataclass, replace
+from typing import Any
 
-from smoothcert.methods.firstorder.certificate import (NORMS, FirstOrderPlan, Subspace, certify_first_order, parse_norms)
-from smoothcert.validation import check_positive
-from smoothcert.methods.base import CertifyMethod, RunContext
+from smoothcert.geometry.regions import Ball
+from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
+from smoothcert.methods.firstorder.certificate import (NORMS, FirstOrderPlan, Subspace, certify_first_order,
+                                                       parse_norms)
+from smoothcert.methods.records import MethodRecord
+from smoothcert.settings import Settings, names, number, text
 
 _RADII = tuple(f"radius_{p}{k}_{o}" for p in ("", "sub_") for k in NORMS for o in (0, 1))
 _BOUNDS = ("grad_l2_upper", "grad_l2_lower", "grad_linf_upper", "grad_l1_upper", "grad_sub_l2_upper",
            "grad_sub_linf_upper", "grad_sub_l1_upper")
+
+
+@dataclass(frozen=True)
+class FirstOrderSettings(Settings):
+    """Cohen's noise level, the norms to certify, an optional subspace and the share of alpha for ``p_A``."""
+
+    sigma: float = sigma_setting()
+    norms: tuple[str, ...] = names(NORMS, NORMS, help="comma-separated norms to certify among l2, l1, linf (l2 "
+                                   "always; each extra norm needs more gradient bounds, which share alpha)")
+    subspace: str | None = text(None, optional=True, help="also certify within a subspace: 'channel:0', "
+                                "'coords:0-99,150' (indices of the flattened input) or a .npy/.pt file with a "
+                                "(d, k) orthonormal basis or a (d, d) projection")
+    alpha_split: float = number(0.5, low=0.0, high=1.0, low_open=True, high_open=True,
+                                help="share of alpha spent on the p_A bound; the rest is split evenly over the "
+                                     "gradient-norm bounds")
 
 
 class FirstOrder(CertifyMethod):
@@ -27,59 +46,54 @@ class FirstOrder(CertifyMethod):
 
     name = "first-order"
     columns = ("sigma", *_RADII, *_BOUNDS, "alpha_p", "alpha_grad", "alpha_each", "n_half", "subspace_dim")
+    settings_type = FirstOrderSettings
+    samples_only = True
 
-    def __init__(self, sigma: float, norms=NORMS, subspace: str | Subspace | None = None, alpha_split: float = 0.5,
-                 *, n: int | None = None, alpha: float | None = None):
-        """Validate everything that can be checked before sampling; ``n`` and ``alpha`` (when known) check the
-        budget (two halves of >= 2 samples, a ``p_A`` bound able to exceed 1/2 at ``alpha_p``)."""
-        self.sigma = check_positive("sigma (noise level, in input units where pixels lie in [0, 1])", sigma)
-        self.norms = parse_norms(norms)
-        self.subspace = Subspace(subspace) if isinstance(subspace, str) else subspace
-        if isinstance(alpha_split, bool) or not isinstance(alpha_split, (int, float)) or not 0 < alpha_split < 1:
-            raise ValueError(f"alpha_split (share of alpha for the p_A bound) must lie in (0, 1), got {alpha_split!r}")
-        self.alpha_split = float(alpha_split)
+    def __init__(self, settings: FirstOrderSettings | float | None = None, /, norms: Any = None,
+                 subspace: str | Subspace | None = None, alpha_split: float | None = None, *, n: int | None = None,
+                 alpha: float | None = None, **keywords: Any):
+        """From settings, or ``FirstOrder(sigma, norms, subspace, alpha_split)`` (also by name); ``subspace`` may be a
+        :class:`Subspace`. Everything that can be checked before sampling is; ``n`` and ``alpha`` (when known)
+        check the budget (:meth:`check_sampling`). The norms are kept in canonical order, l2 always among them."""
+        given = {key: value for key, value in (("norms", norms), ("alpha_split", alpha_split)) if value is not None}
+        given.update(keywords)  # e.g. sigma=
+        space = subspace if isinstance(subspace, Subspace) else None
+        if subspace is not None:
+            given["subspace"] = str(space.spec) if space is not None else subspace
+        settings = self.make_settings(settings, **given)
+        super().__init__(replace(settings, norms=parse_norms(settings.norms)))
+        if space is None and self.settings.subspace is not None:
+            space = Subspace(self.settings.subspace)
+        self.subspace = space
+        self.check_sampling(n, alpha)
+
+    @property
+    def sigma(self) -> float:
+        return self.settings.sigma
+
+    @property
+    def norms(self) -> tuple[str, ...]:
+        return self.settings.norms
+
+    def check_sampling(self, n: int | None = None, alpha: float | None = None) -> None:
+        """Two halves of >= 2 samples and a ``p_A`` bound able to exceed 1/2 at ``alpha_p``."""
         if n is not None and alpha is not None:
-            FirstOrderPlan.make(alpha, n, self.norms, self.subspace is not None, self.alpha_split)
+            FirstOrderPlan.make(alpha, n, self.norms, self.subspace is not None, self.settings.alpha_split)
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("first-order (--method first-order)")
-        g.add_argument("--norms", default=",".join(NORMS),
-                       help="first-order: comma-separated norms to certify among l2, l1, linf (l2 always; each "
-                            "extra norm needs more gradient bounds, which share alpha; default l2,l1,linf)")
-        g.add_argument("--subspace", default=None,
-                       help="first-order: also certify within a subspace: 'channel:0', 'coords:0-99,150' (indices of "
-                            "the flattened input) or a .npy/.pt file with a (d, k) orthonormal basis or a (d, d) "
-                            "projection")
-        g.add_argument("--alpha-split", type=float, default=0.5,
-                       help="first-order: share of alpha spent on the p_A bound; the rest is split evenly over the "
-                            "gradient-norm bounds (default 0.5)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "FirstOrder":
-        return cls(args.sigma, getattr(args, "norms", ",".join(NORMS)), getattr(args, "subspace", None),
-                   getattr(args, "alpha_split", 0.5), n=getattr(args, "n", None), alpha=getattr(args, "alpha", None))
-
-    def config(self):
-        return {"name": self.name, "sigma": self.sigma, "norms": list(self.norms),
-                "subspace": None if self.subspace is None else str(self.subspace.spec),
-                "alpha_split": self.alpha_split}
-
-    def certify(self, ctx: RunContext, x, labels, indices):
+    def certify(self, ctx: RunContext, x, labels, indices) -> list[MethodRecord]:
         gens = list(zip(ctx.generators(indices, "select"), ctx.generators(indices, "estimate"),
                         ctx.generators(indices, "estimate-2")))
         certs = certify_first_order(ctx.model, x, self.sigma, ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
-                                    norms=self.norms, subspace=self.subspace, alpha_split=self.alpha_split,
+                                    norms=self.norms, subspace=self.subspace, alpha_split=self.settings.alpha_split,
                                     batch_size=ctx.batch_size, block=ctx.block, generators=gens, dtype=ctx.dtype,
                                     seed=ctx.seed)
-        rows = []
-        for c in certs:
-            row = {"predict": c.prediction, "radius": c.radius, "radius_proxy": c.radius_proxy,
-                   "p_lower": c.p_lower, "gap": c.gap, "n": c.n, "method": self.name, "dtype": c.dtype,
-                   "sigma": self.sigma, "alpha_p": c.alpha_p, "alpha_grad": c.alpha_grad,
-                   "alpha_each": c.alpha_each, "n_half": c.halves[0],
-                   "subspace_dim": c.subspace_dim if c.subspace_dim is not None else 0}
-            row.update({f"radius_{k}": c.radii.get(k, math.nan) for k in (r[len("radius_"):] for r in _RADII)})
-            row.update({b: c.grad_bounds.get(b[len("grad_"):], math.nan) for b in _BOUNDS})
-            rows.append(row)
-        return rows
+        records = []
+        for xi, c in zip(x, certs):
+            fields = {"sigma": self.sigma, "alpha_p": c.alpha_p, "alpha_grad": c.alpha_grad,
+                      "alpha_each": c.alpha_each, "n_half": c.halves[0],
+                      "subspace_dim": c.subspace_dim if c.subspace_dim is not None else 0}
+            fields.update({f"radius_{k}": c.radii.get(k, math.nan) for k in (r[len("radius_"):] for r in _RADII)})
+            fields.update({b: c.grad_bounds.get(b[len("grad_"):], math.nan) for b in _BOUNDS})
+            region = None if c.abstained else Ball(xi, float(c.radius))  # the first-order l2 ball
+            records.append(MethodRecord(self.name, c, region, fields))
+        return records
