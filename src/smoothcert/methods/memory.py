@@ -21,6 +21,12 @@ result does not depend on the order of the stored regions. (Section 3.2.1 descri
 hands the input the other class; Algorithm 1 abstains, and so does this module.) Afterwards no two stored
 regions of different classes intersect and no stored input lies in another class's region.
 
+Reproducibility: every float behind a decision (the "near" pre-filter, distances, verdicts, shrunk radii) is
+computed per stored region from that region alone (:mod:`smoothcert.geometry.tolerances`, canonical
+reductions), so the decisions do not depend on how many regions are stored, which of them are tested
+together, the chunk size or where a run was resumed: a resumed or split run gives the same bits as an
+uninterrupted one.
+
 Persistence: a memory bound to a folder keeps ``memory.json`` (format, run fingerprint, input order),
 ``records.jsonl`` (one line per processed input, appended and fsync'ed: the commit point) and
 ``regions-NNNNN.safetensors`` (float64 centers, axes, bases keyed by dataset index). Only the open chunk is
@@ -47,7 +53,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smoothcert.geometry.distance import distances
-from smoothcert.geometry.tolerances import SHRINK, inscribed_lower, outer_radius, region_kind, rounding_allowance
+from smoothcert.geometry.tolerances import (SHRINK, fixed_norm, inscribed_lower, outer_radius, region_kind,
+                                            rounding_allowance)
 from smoothcert.geometry.intersection import intersects_each
 from smoothcert.geometry.regions import Ball, Region
 from smoothcert.methods.memory_files import atomic_write, fsync_replace, own_copy, rebuild_region
@@ -218,7 +225,7 @@ class CertificationMemory:
         n = len(self._regions)
         if n:
             dev = self._centers.device
-            gap = torch.linalg.vector_norm(self._centers[:n] - x.to(dev), dim=-1)
+            gap = fixed_norm(self._centers[:n] - x.to(dev))  # canonical per row: the same whatever n
             reach = (self._outer[:n] + outer_radius(region)) * (1.0 + rounding_allowance(region.dim))
             near = (self._pred[:n] != prediction) & (gap <= reach + rounding_allowance(region.dim) * gap)
             cand = torch.nonzero(near).flatten().tolist()

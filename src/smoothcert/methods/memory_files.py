@@ -26,14 +26,19 @@ def own_copy(region: Region) -> Region:
 
 
 def rebuild_region(spec: dict, chunk: dict[str, torch.Tensor], index: int) -> Region:
-    center = chunk[f"{index}/center"]
+    """The region stored for ``index``: its tensors copied into fresh (aligned) memory the region owns.
+
+    The values are the saved float64 bits; the copies make a reloaded region's tensors like those of a region
+    built in the process (own storage, contiguous, allocator-aligned) rather than views into a loaded file.
+    """
+    center = chunk[f"{index}/center"].clone()
     if spec["kind"] == "ball":
         return Ball(center, float(spec["radius"]))
-    axes = chunk[f"{index}/axes"]
+    axes = chunk[f"{index}/axes"].clone()
     if spec["kind"] == "l1":
         return CrossPolytope(center, axes)
     if spec["kind"] == "ellipsoid":
-        return Ellipsoid(center, axes, chunk[f"{index}/basis"] if spec["basis"] else None)
+        return Ellipsoid(center, axes, chunk[f"{index}/basis"].clone() if spec["basis"] else None)
     raise ValueError(f"unknown region kind {spec['kind']!r}")
 
 
