@@ -238,9 +238,10 @@ class DataDependentMethod(CertifyMethod):
             self.memory = RunMemory.open(Path(results), self.memory_fingerprint(ctx), done)
 
     def memory_fingerprint(self, ctx: RunContext) -> dict[str, Any]:
-        """What a saved memory must have been built with: the method's settings and the run's sampling."""
+        """What a saved memory must have been built with: the method's settings, the run's sampling and what the
+        run certifies (``ctx.identity``: the checkpoints' sha256 and the data set split)."""
         return {**self.config(), "seed": ctx.seed, "n0": ctx.n0, "n": ctx.n, "alpha": ctx.alpha,
-                "dtype": str(ctx.dtype), "num_classes": ctx.num_classes}
+                "dtype": str(ctx.dtype), "num_classes": ctx.num_classes, **ctx.identity}
 
     #: The noise certified for a dataset index of a results log (:meth:`NoiseStore.load`).
     load_noise = staticmethod(NoiseStore.load)

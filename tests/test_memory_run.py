@@ -1,0 +1,65 @@
+"""Memory-based certification inside a run: what the memory was built for, closing, and the exact replay."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from test_dds import FixedChoices, Stripe, context
+
+F64 = torch.float64
+SIGMAS = {0: 0.25, 1: 0.01, 2: 0.01}
+#: x0 gets a class-1 ball of radius > 0.2; x1 = (0.5, 0.5) lies inside it but is class 0 (the stripe)
+X = torch.tensor([[0.6, 0.5], [0.5, 0.5], [0.5, 0.02]])
+LABELS = torch.tensor([1, 0, 0])
+
+
+def stripe_context(checkpoint="a" * 64, dataset="toy-stripe", split="test"):
+    ctx = context(Stripe(), n0=100, n=2000, alpha=0.001)
+    return dataclasses.replace(ctx, identity={"checkpoints": [checkpoint], "dataset": dataset, "split": split})
+
+
+# ----------------------------------------------------------------------------------------------- identity
+
+
+def test_a_memory_built_for_another_checkpoint_or_data_set_is_refused_plainly(tmp_path):
+    log = tmp_path / "log.tsv"
+    method = FixedChoices(SIGMAS)
+    method.open(stripe_context(), log, [])
+    assert method.certify(stripe_context(), X[:1], LABELS[:1], [0])[0]["memory"] == "kept"
+    method.close()
+    header = json.loads((tmp_path / "log.tsv.memory" / "memory.json").read_text())
+    assert header["config"]["checkpoints"] == ["a" * 64] and header["config"]["dataset"] == "toy-stripe"
+    # the log is gone (or was never written): the memory itself must refuse a run that certifies something else
+    refusals = [(stripe_context(checkpoint="b" * 64), "built for another checkpoint"),
+                (stripe_context(dataset="toy-other"), "built for another data set "),
+                (stripe_context(split="train"), "built for another data set split")]
+    for ctx, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            FixedChoices(SIGMAS).open(ctx, log, [])
+    with pytest.raises(ValueError, match="built with opt_samples 100 \\(this run: 7\\)"):
+        FixedChoices(SIGMAS, samples=7).open(stripe_context(), log, [])
+    again = FixedChoices(SIGMAS)  # the same run resumes
+    again.open(stripe_context(), log, [0])
+    assert again.certify(stripe_context(), X[1:2], LABELS[1:2], [1])[0]["memory"] == "abstained"
+    again.close()
+
+
+def test_command_line_memory_names_the_checkpoint_it_was_built_for(tmp_path, capsys):
+    from smoothcert.cli.main import main
+    from smoothcert.models.architectures import build_model
+    from smoothcert.models.checkpoint import save_checkpoint
+
+    stems = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        stems.append(save_checkpoint(tmp_path / f"mlp{seed}", build_model("mlp", num_classes=2, input_shape=(2,)),
+                                     {"dataset": "toy-rotated", "sigma": 0.1, "num_classes": 2}))
+    out = tmp_path / "dds.tsv"
+    argv = ["certify", "--out", str(out), "--method", "dds", "--max", "2", "--n", "100", "--n0", "10",
+            "--dds-steps", "2", "--opt-samples", "10", "--no-progress", "--device", "cpu"]
+    assert main(argv + ["--checkpoint", f"{stems[0]}.safetensors"]) == 0
+    out.unlink()  # the log is lost; its memory is left behind
+    assert main(argv + ["--checkpoint", f"{stems[1]}.safetensors"]) == 2
+    assert "built for another checkpoint" in capsys.readouterr().err
