@@ -63,3 +63,30 @@ def test_command_line_memory_names_the_checkpoint_it_was_built_for(tmp_path, cap
     out.unlink()  # the log is lost; its memory is left behind
     assert main(argv + ["--checkpoint", f"{stems[1]}.safetensors"]) == 2
     assert "built for another checkpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- closing
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_closing_keeps_checking_later_inputs_against_earlier_certificates(tmp_path, saved):
+    ctx = stripe_context()
+    free = FixedChoices(SIGMAS, memory=False).certify(ctx, X, LABELS, [0, 1, 2])
+    assert free[0]["predict"] == 1 and free[1]["predict"] == 0 and free[1]["radius"] > 0  # they conflict
+    method = FixedChoices(SIGMAS)
+    log = tmp_path / "log.tsv"
+    if saved:
+        method.open(ctx, log, [])
+    assert method.certify(ctx, X[:1], LABELS[:1], [0])[0]["memory"] == "kept"
+    method.close()
+    later = method.certify(ctx, X[1:], LABELS[1:], [1, 2])
+    assert later[0]["memory"] == "abstained" and later[0]["predict"] == -1 and later[0]["radius"] == 0.0
+    assert later[1]["memory"] == "kept" and later[1]["radius"] == free[2]["radius"]  # far away: unchanged
+    method.close()
+    if saved:  # the folder keeps what was processed while it was bound: the log's one row
+        records = (tmp_path / "log.tsv.memory" / "records.jsonl").read_text().splitlines()
+        assert [json.loads(line)["index"] for line in records] == [0]
+        resumed = FixedChoices(SIGMAS)
+        resumed.open(ctx, log, [0])
+        assert resumed.certify(ctx, X[1:2], LABELS[1:2], [1])[0]["memory"] == "abstained"
+        resumed.close()

@@ -248,6 +248,7 @@ class DataDependentMethod(CertifyMethod):
     noise_path = staticmethod(NoiseStore.path)
 
     def close(self) -> None:
+        """Flush and release the memory's files; the memory itself stays, so later inputs are still checked
+        against every certificate given so far (only :meth:`open` starts another run's memory)."""
         if self.memory is not None:
             self.memory.close()
-        self.memory = None

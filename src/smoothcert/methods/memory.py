@@ -325,14 +325,21 @@ class CertificationMemory:
             self._chunk_id, self._chunk, self._chunk_size = self._chunk_id + 1, {}, 0
 
     def close(self) -> None:
-        """Flush; the memory stays usable."""
+        """Flush, then release the folder: the memory stays usable in this process, nothing more is saved.
+
+        Every later :meth:`check` is still made against every region stored so far (closing never forgets a
+        certificate), but its record is kept in memory only, so the folder keeps exactly what was processed
+        while it was bound (:meth:`open` resumes from there).
+        """
         self.flush()
+        self._path = None
+        self._chunk, self._chunk_size, self._chunk_dirty = {}, 0, False
 
     def __enter__(self) -> "CertificationMemory":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.flush()
+        self.close()
 
     # --------------------------------------------------------------------------------------- views
 
