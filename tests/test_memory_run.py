@@ -2,10 +2,14 @@
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from smoothcert.geometry.regions import Ball, Ellipsoid
+from smoothcert.geometry.tolerances import inscribed_lower
+from smoothcert.methods.memory_replay import RunMemory
 from test_dds import FixedChoices, Stripe, context
 
 F64 = torch.float64
@@ -90,3 +94,48 @@ def test_closing_keeps_checking_later_inputs_against_earlier_certificates(tmp_pa
         resumed.open(ctx, log, [0])
         assert resumed.certify(ctx, X[1:2], LABELS[1:2], [1])[0]["memory"] == "abstained"
         resumed.close()
+
+
+# ----------------------------------------------------------------------------------------------- replay
+
+
+def certificate(prediction, region):
+    return SimpleNamespace(prediction=prediction, region=region, radius=region.inscribed_radius)
+
+
+def test_replay_accepts_only_the_recorded_region_bit_for_bit(tmp_path):
+    results = tmp_path / "log.tsv"
+    first = RunMemory.open(results, {"run": 1}, [])
+    c0, c1 = torch.tensor([0.2, 0.3], dtype=F64), torch.tensor([0.5, 0.3], dtype=F64)
+    kept = Ellipsoid(c0, torch.tensor([0.2, 0.05], dtype=F64), torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=F64))
+    conflicting = Ball(c1, 0.25)
+    assert first.remember(0, c0, certificate(1, kept))[0] == "kept"
+    action, ball, radius = first.remember(1, c1, certificate(0, conflicting))
+    assert action == "shrunk" and 0 < radius < 0.25
+    first.close()
+    # a crash after the memory recorded both inputs, before the log got their rows: both are processed again
+    nudged = Ellipsoid(c0, torch.nextafter(kept.axes, torch.ones(2, dtype=F64)), kept.basis)  # one ulp wider
+    tilted = Ellipsoid(c0, kept.axes, kept.basis + torch.tensor([[1e-16, 0.0], [0.0, 0.0]], dtype=F64))
+    for recomputed in (nudged, tilted, Ellipsoid(c0, kept.axes)):
+        with pytest.raises(ValueError, match="not reproducible"):
+            RunMemory.open(results, {"run": 1}, []).remember(0, c0, certificate(1, recomputed))
+    with pytest.raises(ValueError, match="not reproducible"):  # another prediction
+        RunMemory.open(results, {"run": 1}, []).remember(0, c0, certificate(2, kept))
+    replay = RunMemory.open(results, {"run": 1}, [])
+    same = Ellipsoid(c0.clone(), kept.axes.clone(), kept.basis.clone())
+    action, region, radius = replay.remember(0, c0, certificate(1, same))
+    # the row reports the recomputed certificate: it is exactly the region the memory holds
+    assert action == "kept" and radius == same.inscribed_radius
+    assert torch.equal(region.axes, same.axes) and torch.equal(region.basis, same.basis)
+    # shrunk: the row reports the stored ball, which must lie inside the recomputed region
+    smaller = Ball(c1, radius_below(ball.radius))
+    with pytest.raises(ValueError, match="not reproducible"):
+        RunMemory.open(results, {"run": 1}, [0]).remember(1, c1, certificate(0, smaller))
+    action, region, radius = replay.remember(1, c1, certificate(0, Ball(c1.clone(), 0.25)))
+    assert action == "shrunk" and radius == ball.radius and torch.equal(region.center, c1)
+    assert radius <= inscribed_lower(conflicting)
+
+
+def radius_below(radius):
+    """A ball radius whose inscribed lower bound is below ``radius`` (the stored ball would stick out)."""
+    return radius * (1.0 - 1e-9)
