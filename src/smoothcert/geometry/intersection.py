@@ -71,6 +71,9 @@ def _k_parts(ra: Region, rb: Region) -> tuple[torch.Tensor, torch.Tensor, torch.
     if same:
         ratio = alpha / beta
         return ratio * ratio, u / beta, ub, 1.0 / beta, swapped
+    # the dense products below run on fresh contiguous copies, so they see the same layout and alignment
+    # whether a basis is the caller's view or a reloaded region's own tensor
+    ua, ub = (None if m is None else m.clone(memory_format=torch.contiguous_format) for m in (ua, ub))
     if ua is None:
         rot = ub.T  # type: ignore[union-attr]  (U_b^T U_a with None meaning the identity)
     else:
