@@ -113,7 +113,6 @@ def check_regions(*regions: object) -> int:
     return dims.pop()
 
 
-
 # ----------------------------------------------------------------------------------------------- canonical reductions
 
 
