@@ -98,8 +98,10 @@ def cmd_certify(args) -> int:
     cls = method_class(args.method)
     device, model, num_classes, _, indices, inputs, run = _setup(args, cls)
     method = build_method(cls, args)
+    identity = {"checkpoints": [c["sha256"] for c in run["checkpoints"]], "dataset": run["dataset"],
+                "split": run["split"]}
     ctx = RunContext(model, num_classes, args.n0, args.n, args.alpha, args.batch_size, DTYPES[args.dtype],
-                     args.seed, device, args.inputs_per_batch)
+                     args.seed, device, args.inputs_per_batch, identity)
     columns = CERTIFY_COLUMNS + COMMON_COLUMNS + tuple(c for c in cls.columns if c not in COMMON_COLUMNS)
     results = ResultsFile(Path(args.out), columns, {"command": "certify", **run, "n0": args.n0,
                                                     "method": method.config()})

@@ -11,6 +11,12 @@
 Distances subtract a rounding allowance and, for a basis that is orthonormal only up to a tolerance,
 ``||U^T U - I||_F * (||p - c|| + max a)``, which keeps them lower bounds for the region ``{c + U (a * u)}``
 as given.
+
+**Canonical per row.** Every value of a row (a point and its region, or two regions in :func:`separated`) is
+computed from that row alone with the canonical reductions of :mod:`smoothcert.geometry.tolerances` (no
+``sum``/``norm``/``cumsum`` kernel, no BLAS, stable sorts, iterations frozen per row once converged), so a
+distance is the same bits whether computed alone or in a pack of any size or composition (memory-based
+certification relies on it: a resumed or split run decides exactly as an uninterrupted one).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from smoothcert.geometry.regions import Region
-from smoothcert.geometry.tolerances import (BALL, ELLIPSOID, EPS, L1, SHRINK, basis_error, check_regions, region_basis,
-                                            region_kind, rounding_allowance)
+from smoothcert.geometry.tolerances import (BALL, ELLIPSOID, EPS, L1, SHRINK, basis_error, check_regions,
+                                            fixed_cumsum, fixed_matvec, fixed_norm, fixed_sum, fixed_vecmat,
+                                            region_basis, region_kind, rounding_allowance)
 
 __all__ = ["RegionPack", "pack_groups", "separated", "distances", "distance_to_region", "largest_ball_outside"]
 
@@ -50,24 +57,24 @@ def _secular_mu(y: torch.Tensor, a: torch.Tensor, max_iter: int = 200) -> torch.
     a2 = a * a
     w2 = a2 * y * y
     pos = a > 0
-    s2_0 = torch.where(pos, y * y / torch.where(pos, a2, torch.ones_like(a2)), torch.zeros_like(y)).sum(-1)
+    s2_0 = fixed_sum(torch.where(pos, y * y / torch.where(pos, a2, torch.ones_like(a2)), torch.zeros_like(y)))
     active = s2_0 > 1.0
     lo = torch.zeros_like(s2_0)
-    hi = w2.sum(-1).sqrt()  # s(hi) <= ||a y|| / hi = 1
+    hi = fixed_sum(w2).sqrt()  # s(hi) <= ||a y|| / hi = 1
 
     def s2(mu: torch.Tensor) -> torch.Tensor:
         den = a2 + mu[:, None]
-        return torch.where(w2 > 0, w2 / (den * den), torch.zeros_like(w2)).sum(-1)
+        return fixed_sum(torch.where(w2 > 0, w2 / (den * den), torch.zeros_like(w2)))
 
     for _ in range(max_iter):
         if not bool(active.any()):
             break
         den = a2 + lo[:, None]
         t2 = torch.where(w2 > 0, w2 / (den * den), torch.zeros_like(w2))
-        s2_lo = t2.sum(-1)
-        s3_lo = torch.where(w2 > 0, t2 / den, torch.zeros_like(w2)).sum(-1)
-        psi = s2_lo.rsqrt()
-        new = lo + (1.0 - psi) / (s3_lo * psi**3)
+        s2_lo = fixed_sum(t2)
+        s3_lo = fixed_sum(torch.where(w2 > 0, t2 / den, torch.zeros_like(w2)))
+        psi = 1.0 / s2_lo.sqrt()
+        new = lo + (1.0 - psi) / (s3_lo * (psi * psi * psi))
         s2_new = s2(new)
         ok = (s2_new >= 1.0) & (new <= hi)
         hi = torch.where(~ok & (s2_new < 1.0), torch.minimum(hi, new), hi)
@@ -92,15 +99,15 @@ def _l1_tau(y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     p = torch.where(pos, ay / safe, torch.zeros_like(ay))
     q = torch.where(pos, 1.0 / (safe * safe), torch.zeros_like(ay))
     b = torch.where(pos, ay * a, torch.full_like(ay, -1.0))
-    order = torch.argsort(b, dim=-1, descending=True)
-    cp = torch.gather(p, -1, order).cumsum(-1)
-    cq = torch.gather(q, -1, order).cumsum(-1)
+    order = torch.argsort(b, dim=-1, descending=True, stable=True)
+    cp = fixed_cumsum(torch.gather(p, -1, order))
+    cq = fixed_cumsum(torch.gather(q, -1, order))
     tau_k = (cp - 1.0) / torch.where(cq > 0, cq, torch.ones_like(cq))
     cond = torch.gather(b, -1, order) > tau_k
     ranks = torch.arange(1, y.shape[-1] + 1, device=y.device).expand_as(cond)
     last = (ranks * cond).amax(-1).clamp_min(1) - 1
     tau = torch.gather(tau_k, -1, last[:, None]).squeeze(-1)
-    return torch.where(p.sum(-1) <= 1.0, torch.zeros_like(tau), tau.clamp_min(0.0))
+    return torch.where(fixed_sum(p) <= 1.0, torch.zeros_like(tau), tau.clamp_min(0.0))
 
 
 @dataclass
@@ -129,19 +136,13 @@ class RegionPack:
         return RegionPack(self.kind, self.center.expand(n, d), self.axes.expand(n, d), self.basis, self.skew.expand(n))
 
     def local(self, points: torch.Tensor) -> torch.Tensor:
+        """``U^T (p - c)`` per row (canonical: :func:`fixed_vecmat`)."""
         diff = points - self.center
-        if self.basis is None:
-            return diff
-        if self.basis.shape[0] == 1:
-            return diff @ self.basis[0]
-        return torch.bmm(diff.unsqueeze(1), self.basis).squeeze(1)
+        return diff if self.basis is None else fixed_vecmat(diff, self.basis)
 
     def world(self, local: torch.Tensor) -> torch.Tensor:
-        if self.basis is None:
-            return self.center + local
-        if self.basis.shape[0] == 1:
-            return self.center + local @ self.basis[0].T
-        return self.center + torch.bmm(self.basis, local.unsqueeze(-1)).squeeze(-1)
+        """``c + U y`` per row (canonical: :func:`fixed_matvec`)."""
+        return self.center + (local if self.basis is None else fixed_matvec(self.basis, local))
 
     def outer(self) -> torch.Tensor:
         return self.axes.amax(-1) * (1.0 + self.skew)
@@ -151,7 +152,7 @@ class RegionPack:
         y = self.local(points)
         if self.kind == BALL:
             r = self.axes[:, 0]
-            norm = torch.linalg.vector_norm(y, dim=-1)
+            norm = fixed_norm(y)
             scale = torch.where(norm > r, r / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.ones_like(r))
             return self.world(y * scale[:, None]), (norm - r).clamp_min(0.0)
         a = self.axes
@@ -163,30 +164,28 @@ class RegionPack:
             tau = _l1_tau(y, a)[:, None]
             cut = torch.minimum(y.abs(), tau / torch.where(pos, a, torch.ones_like(a)))
             resid = torch.where(pos, torch.sign(y) * cut, y)
-        return self.world(y - resid), torch.linalg.vector_norm(resid, dim=-1)
+        return self.world(y - resid), fixed_norm(resid)
 
     def support(self, w: torch.Tensor) -> torch.Tensor:
         """Centered support function ``max_{u in region - c} w . u`` per row (exact for any basis)."""
         if self.kind == BALL:
-            return self.axes[:, 0] * torch.linalg.vector_norm(w, dim=-1)
+            return self.axes[:, 0] * fixed_norm(w)
         if self.kind == L1:
             return (self.axes * w.abs()).amax(-1)
-        if self.basis is None:
-            bw = w
-        elif self.basis.shape[0] == 1:
-            bw = w @ self.basis[0]
-        else:
-            bw = torch.bmm(w.unsqueeze(1), self.basis).squeeze(1)
-        return torch.linalg.vector_norm(self.axes * bw, dim=-1)
+        bw = w if self.basis is None else fixed_vecmat(w, self.basis)
+        return fixed_norm(self.axes * bw)
 
     def allowance(self, points: torch.Tensor) -> torch.Tensor:
         """How much a computed distance may exceed the true one: rounding plus the basis's skew."""
-        scale = torch.linalg.vector_norm(points - self.center, dim=-1) + self.axes.amax(-1)
+        scale = fixed_norm(points - self.center) + self.axes.amax(-1)
         return (rounding_allowance(self.center.shape[1]) + self.skew) * scale
 
 
 def pack_groups(regions: Sequence[Region], device: torch.device) -> list[tuple[list[int], RegionPack]]:
-    """Split regions into packs of one kind and basis presence (bases in chunks of at most ~128 MB)."""
+    """Split regions into packs of one kind and basis presence (bases in chunks of at most ~128 MB).
+
+    The split only bounds memory: every computation on a pack is canonical per row, so no result depends on it.
+    """
     keys: dict[tuple[str, bool], list[int]] = {}
     for i, r in enumerate(regions):
         keys.setdefault((region_kind(r), region_basis(r) is not None), []).append(i)
@@ -203,9 +202,8 @@ def pack_groups(regions: Sequence[Region], device: torch.device) -> list[tuple[l
 def separated(pa: RegionPack, pb: RegionPack, w: torch.Tensor) -> torch.Tensor:
     """Rigorous disjointness per row: the direction ``w`` strictly separates the two regions."""
     delta = pb.center - pa.center
-    gap = (w * delta).sum(-1).abs() - pa.support(w) - pb.support(w)
-    scale = torch.linalg.vector_norm(w, dim=-1) * (
-        torch.linalg.vector_norm(delta, dim=-1) + 2.0 * (pa.outer() + pb.outer()))
+    gap = fixed_sum(w * delta).abs() - pa.support(w) - pb.support(w)
+    scale = fixed_norm(w) * (fixed_norm(delta) + 2.0 * (pa.outer() + pb.outer()))
     return gap > rounding_allowance(delta.shape[1]) * scale
 
 

@@ -18,6 +18,12 @@ Two l1 regions use the l1 analogue of ``K`` (a concave piecewise-linear ``phi(t)
 sorting its breakpoints); an ellipsoid and an l1 region find ``w`` by accelerated alternating projections
 (pairs closer than ``1e-9`` of their scale count as intersecting); a ball uses the exact distance test.
 Distances come from :mod:`smoothcert.geometry.distance` (lower bounds).
+
+Canonical per pair: a verdict depends on its own pair only, never on the other regions it is tested with
+(memory-based certification needs the same decision alone, in any batch, after a resume). Batched steps use
+the canonical reductions of :mod:`smoothcert.geometry.tolerances` and iterations frozen per row once
+converged; the steps that need a dense ``d x d`` factorization (two ellipsoids with different bases:
+``U_b^T U_a``, ``eigh``) run per pair on that pair's tensors, in one fixed shape.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import torch
 
 from smoothcert.geometry.distance import RegionPack, distances, pack_groups, separated
 from smoothcert.geometry.regions import Ball, Region
-from smoothcert.geometry.tolerances import (ELLIPSOID, L1, check_regions, is_point, outer_radius, region_basis,
+from smoothcert.geometry.tolerances import (ELLIPSOID, L1, check_regions, fixed_cumsum, fixed_matvec, fixed_norm,
+                                            fixed_sum, fixed_vecmat, is_point, outer_radius, region_basis,
                                             region_kind, rounding_allowance)
 
 __all__ = ["k_function", "intersects", "intersects_each"]
@@ -57,12 +64,16 @@ def _k_parts(ra: Region, rb: Region) -> tuple[torch.Tensor, torch.Tensor, torch.
     if swapped:
         alpha, beta, ua, ub, delta = beta, alpha, ub, ua, -delta
     if bool((beta <= 0).any()):
-        scale = max(float(alpha.max()), float(beta.max()), float(torch.linalg.vector_norm(delta)))
+        scale = max(float(alpha.max()), float(beta.max()), float(fixed_norm(delta)))
         beta = beta.clamp_min(1e-9 * scale if scale > 0 else 1e-300)
     same = ua is ub or (ua is not None and ub is not None and torch.equal(ua, ub))
-    u = delta if ub is None else ub.T @ delta
+    u = delta if ub is None else fixed_vecmat(delta[None], ub[None])[0]  # U_b^T delta
     if same:
-        return (alpha / beta) ** 2, u / beta, ub, 1.0 / beta, swapped
+        ratio = alpha / beta
+        return ratio * ratio, u / beta, ub, 1.0 / beta, swapped
+    # the dense products below run on fresh contiguous copies, so they see the same layout and alignment
+    # whether a basis is the caller's view or a reloaded region's own tensor
+    ua, ub = (None if m is None else m.clone(memory_format=torch.contiguous_format) for m in (ua, ub))
     if ua is None:
         rot = ub.T  # type: ignore[union-attr]  (U_b^T U_a with None meaning the identity)
     else:
@@ -70,16 +81,20 @@ def _k_parts(ra: Region, rb: Region) -> tuple[torch.Tensor, torch.Tensor, torch.
     g = rot * alpha[None, :] / beta[:, None]
     lam, v = torch.linalg.eigh(g @ g.T)
     w_map = (v / beta[:, None]) if ub is None else (ub / beta[None, :]) @ v
-    return lam.clamp_min(0.0), v.T @ (u / beta), w_map, torch.ones_like(beta), swapped
+    return lam.clamp_min(0.0), fixed_vecmat((u / beta)[None], v[None])[0], w_map, torch.ones_like(beta), swapped
 
 
 def _k_eval(t: torch.Tensor, lam: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     tt = t[..., None]
-    return 1.0 - (z2 * (tt * (1.0 - tt) / (tt + lam * (1.0 - tt)))).sum(-1)
+    return 1.0 - fixed_sum(z2 * (tt * (1.0 - tt) / (tt + lam * (1.0 - tt))))
 
 
 def _golden_min(lam: torch.Tensor, z2: torch.Tensor, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimize each row's convex ``K`` on (0, 1) by golden-section search; (best t, best K) seen."""
+    """Minimize each row's convex ``K`` on (0, 1) by golden-section search; (best t, best K) seen.
+
+    A row stops once its bracket is below ``1e-15`` (its state is frozen), so its result is the one it gets
+    alone, whatever the other rows of the batch.
+    """
     g = (math.sqrt(5.0) - 1.0) / 2.0
     m = lam.shape[0]
     lo = torch.zeros(m, dtype=lam.dtype, device=lam.device)
@@ -88,17 +103,19 @@ def _golden_min(lam: torch.Tensor, z2: torch.Tensor, iters: int = 100) -> tuple[
     f1, f2 = _k_eval(x1, lam, z2), _k_eval(x2, lam, z2)
     best_t, best_k = torch.where(f1 <= f2, x1, x2), torch.minimum(f1, f2)
     for _ in range(iters):
-        left = f1 < f2
-        hi = torch.where(left, x2, hi)
-        lo = torch.where(left, lo, x1)
-        xn = torch.where(left, hi - g * (hi - lo), lo + g * (hi - lo))
-        fn = _k_eval(xn, lam, z2)
-        x1, f1, x2, f2 = (torch.where(left, xn, x2), torch.where(left, fn, f2),
-                          torch.where(left, x1, xn), torch.where(left, f1, fn))
-        better = fn < best_k
-        best_t, best_k = torch.where(better, xn, best_t), torch.where(better, fn, best_k)
-        if bool((hi - lo <= 1e-15).all()):
+        active = hi - lo > 1e-15
+        if not bool(active.any()):
             break
+        left = f1 < f2
+        new_hi = torch.where(left, x2, hi)
+        new_lo = torch.where(left, lo, x1)
+        xn = torch.where(left, new_hi - g * (new_hi - new_lo), new_lo + g * (new_hi - new_lo))
+        fn = _k_eval(xn, lam, z2)
+        new = (new_hi, new_lo, torch.where(left, xn, x2), torch.where(left, fn, f2),
+               torch.where(left, x1, xn), torch.where(left, f1, fn))
+        hi, lo, x1, f1, x2, f2 = (torch.where(active, a, b) for a, b in zip(new, (hi, lo, x1, f1, x2, f2)))
+        better = active & (fn < best_k)
+        best_t, best_k = torch.where(better, xn, best_t), torch.where(better, fn, best_k)
     return best_t, best_k
 
 
@@ -140,7 +157,7 @@ def _kt_disjoint(ra: Region, rbs: Sequence[Region]) -> torch.Tensor:
         ti = t[i]
         v = parts[i][3] * z[i] * ti * (1.0 - ti) / (ti + lam[i] * (1.0 - ti))
         w_map = parts[i][2]
-        w = v if w_map is None else w_map @ v
+        w = v if w_map is None else fixed_matvec(w_map[None], v[None])[0]
         out[i] = bool(separated(pa, RegionPack.of([rbs[i]], dev), w[None, :])[0])
     return out
 
@@ -166,12 +183,12 @@ def _l1_disjoint(ra: Region, rbs: Sequence[Region]) -> torch.Tensor:
         scale = (pa_n.outer() + pb.outer() + delta.amax(-1)).clamp_min(1e-300)[:, None] * 1e-12
         a, b = pa_n.axes.clamp_min(0.0).maximum(scale), pb.axes.maximum(scale)
         brk = a / (a + b)
-        order = torch.argsort(brk, dim=-1)
+        order = torch.argsort(brk, dim=-1, stable=True)
         t = torch.gather(brk, -1, order)
         pa_coef = torch.gather(delta / a, -1, order)  # items with breakpoint >= t use t / a_i
         pb_coef = torch.gather(delta / b, -1, order)  # items with breakpoint < t use (1 - t) / b_i
-        suffix_a = pa_coef.flip(-1).cumsum(-1).flip(-1)
-        prefix_b = pb_coef.cumsum(-1) - pb_coef
+        suffix_a = fixed_cumsum(pa_coef.flip(-1)).flip(-1)
+        prefix_b = fixed_cumsum(pb_coef) - pb_coef
         phi = t * suffix_a + (1.0 - t) * prefix_b
         best = torch.gather(t, -1, phi.argmax(-1, keepdim=True))
         w = torch.sign(pb.center - pa_n.center) * torch.minimum(best / a, (1.0 - best) / b)
@@ -198,13 +215,13 @@ def _alternating_disjoint(ra: Region, rbs: Sequence[Region], max_iter: int = 100
         done = torch.zeros_like(found)
         best = torch.full((n,), math.inf, dtype=torch.float64, device=dev)
         since = torch.zeros(n, dtype=torch.long, device=dev)
-        scale = pa.outer() + pb.outer() + torch.linalg.vector_norm(pb.center - pa.center, dim=-1)
+        scale = pa.outer() + pb.outer() + fixed_norm(pb.center - pa.center)
         for it in range(max_iter):
             y = x + (it / (it + 3.0)) * (x - prev)
             qa, _ = pa.project(y)
             prev, (x, _) = x, pb.project(qa)
             w = x - qa
-            gap = torch.linalg.vector_norm(w, dim=-1)
+            gap = fixed_norm(w)
             sep = separated(pa, pb, w) & ~done
             found |= sep
             improved = gap < best * (1.0 - 1e-9)
@@ -234,7 +251,7 @@ def intersects_each(region: Region, regions: Sequence[Region]) -> torch.Tensor:
     dev = region.center.device
     centers = torch.stack([r.center.to(dev) for r in regs])
     outer = torch.tensor([outer_radius(r) for r in regs], dtype=torch.float64, device=dev)
-    gap = torch.linalg.vector_norm(centers - region.center, dim=-1)
+    gap = fixed_norm(centers - region.center)
     far = gap > (outer + outer_radius(region)) * (1.0 + rounding_allowance(d)) + rounding_allowance(d) * gap
     out[far.cpu()] = False
     rest = torch.nonzero(~far).flatten().cpu().tolist()

@@ -15,11 +15,13 @@ import weakref
 
 import torch
 
+from smoothcert.geometry.reductions import fixed_norm
+
 __all__ = ["EPS", "geometric_mean", "rounding_allowance", "basis_error", "singular_value_floor",
            "nearest_orthonormal"]
 
 EPS = float(torch.finfo(torch.float64).eps)
-_BASIS_ERRORS: dict[int, tuple[weakref.ref, int, float]] = {}  # id -> (tensor ref, its version, error)
+_BASIS_ERRORS: dict[tuple, tuple[weakref.ref, int, float]] = {}  # memory -> (tensor ref, its version, error)
 
 
 def geometric_mean(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -39,19 +41,31 @@ def rounding_allowance(d: int) -> float:
 def basis_error(basis: torch.Tensor | None) -> float:
     """``||U^T U - I||_F`` plus rounding: how far a basis is from orthonormal (0 for None; cached per tensor).
 
-    With ``e = basis_error(U)``, every eigenvalue of ``U^T U`` lies in ``[1 - e, 1 + e]`` (``||.||_2 <= ||.||_F``),
-    so every singular value of ``U`` lies in ``[sqrt(1 - e), sqrt(1 + e)]``. Regions in a basis use this to
-    stay sound for a basis that is orthonormal only up to rounding (e.g. a float32 basis).
+    Geometry in the ellipsoid's own basis uses ``U^T`` as ``U^-1``; distances subtract this error times the
+    scale so they stay lower bounds for a basis that is orthonormal only up to a tolerance. ``U^T U`` is the
+    sum of the rows' outer products taken in row order (elementwise, no BLAS) and the norm is
+    :func:`fixed_norm`: the same bits for the same basis on any CPU, thread count or memory alignment (the
+    value enters every distance's allowance, so a reloaded memory must get it exactly). The cache is keyed by
+    the tensor's memory, so the detached views that regions take of one basis share one entry; an entry lives
+    as long as the tensor it was computed for and is dropped when that memory is modified in place.
     """
     if basis is None:
         return 0.0
-    key = id(basis)
+    key = (basis.device, basis.data_ptr(), tuple(basis.shape), tuple(basis.stride()), basis.dtype)
     entry = _BASIS_ERRORS.get(key)
-    if entry is not None and entry[0]() is basis and entry[1] == basis._version:
-        return entry[2]
-    b = basis.to(torch.float64)
-    eye = torch.eye(b.shape[0], dtype=b.dtype, device=b.device)
-    err = float(torch.linalg.matrix_norm(b.T @ b - eye)) + rounding_allowance(b.shape[0])
+    if entry is not None:
+        owner = entry[0]()
+        if owner is not None and owner._version == entry[1] == basis._version:
+            return entry[2]
+    b = basis.detach().to(torch.float64)
+    d = b.shape[0]
+    gram = torch.zeros((d, d), dtype=b.dtype, device=b.device)  # U^T U: the rows' outer products, in order
+    outer = torch.empty_like(gram)
+    for row in b:
+        torch.mul(row[:, None], row[None, :], out=outer)
+        gram.add_(outer)
+    gram.diagonal().sub_(1.0)
+    err = float(fixed_norm(gram.reshape(-1))) + rounding_allowance(d)
     ref = weakref.ref(basis, lambda _, k=key: _BASIS_ERRORS.pop(k, None))
     _BASIS_ERRORS[key] = (ref, basis._version, err)
     return err

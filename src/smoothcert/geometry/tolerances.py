@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 
 from smoothcert.geometry.linalg import EPS, basis_error, rounding_allowance
+from smoothcert.geometry.reductions import fixed_cumsum, fixed_matvec, fixed_norm, fixed_sum, fixed_vecmat
 from smoothcert.geometry.regions import Ball, CrossPolytope, Ellipsoid, Region
 
 __all__ = ["EPS", "SHRINK", "BALL", "ELLIPSOID", "L1", "rounding_allowance", "region_kind", "region_basis",
-           "basis_error", "outer_radius", "inscribed_lower", "is_point", "check_regions"]
+           "basis_error", "outer_radius", "inscribed_lower", "is_point", "check_regions", "fixed_sum", "fixed_norm",
+           "fixed_cumsum", "fixed_vecmat", "fixed_matvec"]
 
 BALL, ELLIPSOID, L1 = "ball", "ellipsoid", "l1"
 SHRINK = 1e-10  # relative margin that keeps a ball strictly inside the distance (eq. 3.19's epsilon)
@@ -62,3 +64,5 @@ def check_regions(*regions: object) -> int:
         raise ValueError(f"regions must live in the same dimension, got dimensions {sorted(dims)}")
     return dims.pop()
 
+
+# ----------------------------------------------------------------------------------------------- canonical reductions

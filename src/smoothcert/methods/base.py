@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +36,9 @@ class RunContext:
 
     ``block`` samples of each input share a forward pass; it is fixed for the whole run, so an input's random
     numbers do not depend on which inputs share its batch (resume and splits give identical results).
+    ``identity`` names what the run certifies (the command line gives the checkpoints' ``sha256`` list as
+    ``checkpoints`` and the data set's ``dataset`` and ``split``); state saved for a run, such as the
+    certification memory, is refused by a run with another identity.
     """
 
     model: torch.nn.Module
@@ -48,6 +51,7 @@ class RunContext:
     seed: int
     device: torch.device
     inputs_per_batch: int = 1
+    identity: dict[str, Any] = field(default_factory=dict)
 
     @property
     def block(self) -> int:

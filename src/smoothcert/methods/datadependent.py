@@ -226,15 +226,17 @@ class DataDependentMethod(CertifyMethod):
             self.memory = RunMemory.open(Path(results), self.memory_fingerprint(ctx), done)
 
     def memory_fingerprint(self, ctx: RunContext) -> dict[str, Any]:
-        """What a saved memory must have been built with: the method's settings and the run's sampling."""
+        """What a saved memory must have been built with: the method's settings, the run's sampling and what the
+        run certifies (``ctx.identity``: the checkpoints' sha256 and the data set split)."""
         return {**self.config(), "seed": ctx.seed, "n0": ctx.n0, "n": ctx.n, "alpha": ctx.alpha,
-                "dtype": str(ctx.dtype), "num_classes": ctx.num_classes}
+                "dtype": str(ctx.dtype), "num_classes": ctx.num_classes, **ctx.identity}
 
     #: The noise certified for a dataset index of a results log (:meth:`NoiseStore.load`).
     load_noise = staticmethod(NoiseStore.load)
     noise_path = staticmethod(NoiseStore.path)
 
     def close(self) -> None:
+        """Flush and release the memory's files; the memory itself stays, so later inputs are still checked
+        against every certificate given so far (only :meth:`open` starts another run's memory)."""
         if self.memory is not None:
             self.memory.close()
-        self.memory = None

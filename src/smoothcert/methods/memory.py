@@ -21,7 +21,14 @@ result does not depend on the order of the stored regions. (Section 3.2.1 descri
 hands the input the other class; Algorithm 1 abstains, and so does this module.) Afterwards no two stored
 regions of different classes intersect and no stored input lies in another class's region.
 
-Persistence: a memory bound to a folder keeps ``memory.json`` (format, run fingerprint, input order),
+Reproducibility: every float behind a decision (the "near" pre-filter, distances, verdicts, shrunk radii) is
+computed per stored region from that region alone (:mod:`smoothcert.geometry.tolerances`, canonical
+reductions), so the decisions do not depend on how many regions are stored, which of them are tested
+together, the chunk size or where a run was resumed: a resumed or split run gives the same bits as an
+uninterrupted one.
+
+Persistence: a memory bound to a folder keeps ``memory.json`` (format, run fingerprint, input order, and a
+configuration mapping in clear so that a refusal can name what differs),
 ``records.jsonl`` (one line per processed input, appended and fsync'ed: the commit point) and
 ``regions-NNNNN.safetensors`` (float64 centers, axes, bases keyed by dataset index). Only the open chunk is
 rewritten on a flush (atomically, through a temporary file) and a chunk is closed once it holds
@@ -33,7 +40,6 @@ chunks hold one entry). Everything stored is also held in memory, bases included
 
 from __future__ import annotations
 
-import hashlib
 import json
 import operator
 import os
@@ -47,27 +53,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smoothcert.geometry.distance import distances
-from smoothcert.geometry.tolerances import SHRINK, inscribed_lower, outer_radius, region_kind, rounding_allowance
+from smoothcert.geometry.tolerances import (SHRINK, fixed_norm, inscribed_lower, outer_radius, region_kind,
+                                            rounding_allowance)
 from smoothcert.geometry.intersection import intersects_each
 from smoothcert.geometry.regions import Ball, Region
-from smoothcert.methods.memory_files import atomic_write, fsync_replace, own_copy, rebuild_region
+from smoothcert.methods.memory_files import (IDENTITY_KEYS, atomic_write, fingerprint_of, fsync_replace, own_copy,
+                                             plain_config, rebuild_region, why_other_run)
 
-__all__ = ["CertificationMemory", "MemoryRecord", "KEPT", "SHRUNK", "ABSTAINED", "fingerprint_of"]
+__all__ = ["CertificationMemory", "MemoryRecord", "KEPT", "SHRUNK", "ABSTAINED", "IDENTITY_KEYS", "fingerprint_of"]
 
 KEPT, SHRUNK, ABSTAINED = "kept", "shrunk", "abstained"
 _FORMAT = "smoothcert-memory/1"
 _HEADER, _RECORDS = "memory.json", "records.jsonl"
 _CHUNK = re.compile(r"regions-(\d{5,})\.safetensors$")
-
-
-def fingerprint_of(config: str | Mapping) -> str:
-    """A string that identifies a run: kept as is, or the SHA-256 of a configuration mapping's sorted JSON."""
-    if isinstance(config, str):
-        return config
-    if isinstance(config, Mapping):
-        text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
-    raise TypeError(f"a run fingerprint is a string or a configuration mapping, got {type(config).__name__}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +96,8 @@ class CertificationMemory:
                                  "CertificationMemory.open(path, run_fingerprint) or choose a fresh folder")
             self._path.mkdir(parents=True, exist_ok=True)
             header = {"format": _FORMAT, "fingerprint": self.fingerprint, "order": self.order}
+            if isinstance(run_fingerprint, Mapping):  # in clear, so that a refusal can say what differs
+                header["config"] = plain_config(run_fingerprint)
             atomic_write(self._path / _HEADER, json.dumps(header).encode())
             (self._path / _RECORDS).touch()
 
@@ -132,9 +132,10 @@ class CertificationMemory:
              device: torch.device | str | None = None) -> "CertificationMemory":
         """Resume the memory saved in ``path``, or create it there.
 
-        Raises ValueError when the saved memory belongs to another run (different fingerprint), when
-        ``order`` differs from the recorded one, or when the records are out of order or corrupt. A torn
-        last line (a crash mid-write) is dropped.
+        Raises ValueError when the saved memory belongs to another run (different fingerprint; the message
+        names what differs, e.g. "built for another checkpoint" when the fingerprint mappings differ in one of
+        :data:`IDENTITY_KEYS`), when ``order`` differs from the recorded one, or when the records are out of
+        order or corrupt. A torn last line (a crash mid-write) is dropped.
         """
         path = Path(path)
         if not (path / _HEADER).exists():
@@ -146,8 +147,10 @@ class CertificationMemory:
             raise ValueError(f"{path / _HEADER} is not a smoothcert memory (format {header.get('format')!r})")
         fp = fingerprint_of(run_fingerprint)
         if header["fingerprint"] != fp:
-            raise ValueError(f"the memory in {path} belongs to another run (fingerprint {header['fingerprint']!r}, "
-                             f"this run {fp!r}); resume with the same configuration or use a fresh folder")
+            why = why_other_run(header.get("config"), run_fingerprint)
+            raise ValueError(f"the memory in {path} belongs to another run: {why} (fingerprint "
+                             f"{header['fingerprint']!r}, this run {fp!r}); resume with the same checkpoint, data "
+                             "set and configuration, or use a fresh folder")
         if order is not None and [_as_index(i) for i in order] != header["order"]:
             raise ValueError(f"the memory in {path} was recorded with another input order; resume with the "
                              "recorded order (or order=None to use it)")
@@ -218,7 +221,7 @@ class CertificationMemory:
         n = len(self._regions)
         if n:
             dev = self._centers.device
-            gap = torch.linalg.vector_norm(self._centers[:n] - x.to(dev), dim=-1)
+            gap = fixed_norm(self._centers[:n] - x.to(dev))  # canonical per row: the same whatever n
             reach = (self._outer[:n] + outer_radius(region)) * (1.0 + rounding_allowance(region.dim))
             near = (self._pred[:n] != prediction) & (gap <= reach + rounding_allowance(region.dim) * gap)
             cand = torch.nonzero(near).flatten().tolist()
@@ -322,14 +325,21 @@ class CertificationMemory:
             self._chunk_id, self._chunk, self._chunk_size = self._chunk_id + 1, {}, 0
 
     def close(self) -> None:
-        """Flush; the memory stays usable."""
+        """Flush, then release the folder: the memory stays usable in this process, nothing more is saved.
+
+        Every later :meth:`check` is still made against every region stored so far (closing never forgets a
+        certificate), but its record is kept in memory only, so the folder keeps exactly what was processed
+        while it was bound (:meth:`open` resumes from there).
+        """
         self.flush()
+        self._path = None
+        self._chunk, self._chunk_size, self._chunk_dirty = {}, 0, False
 
     def __enter__(self) -> "CertificationMemory":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.flush()
+        self.close()
 
     # --------------------------------------------------------------------------------------- views
 

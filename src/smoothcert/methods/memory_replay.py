@@ -2,8 +2,9 @@
 
 ``<results>.memory`` (:class:`~smoothcert.methods.memory.CertificationMemory`) is saved as the run goes. The
 memory records an input just before the runner writes its row; after a crash in between, the input is
-processed again and its recomputed certificate must agree with the recorded decision (same prediction, same
-region), else a ValueError - a resumed run needs a reproducible computation (same device and settings).
+processed again and its recomputed certificate must agree with the recorded decision (same prediction, the
+same region bit for bit: :meth:`RunMemory.same_decision`), else a ValueError - a resumed run needs a
+reproducible computation (same device and settings).
 """
 
 from __future__ import annotations
@@ -14,9 +15,22 @@ from typing import Any
 
 import torch
 
+from smoothcert.geometry.regions import Region
+from smoothcert.geometry.tolerances import inscribed_lower
 from smoothcert.methods.memory import CertificationMemory
 
-__all__ = ["RunMemory"]
+__all__ = ["RunMemory", "same_region"]
+
+
+def same_region(a: Region, b: Region) -> bool:
+    """Are two regions the same bit for bit: same type, center, semi-axes and basis (None only with None)?"""
+    if type(a) is not type(b) or a.center.shape != b.center.shape:
+        return False
+    ba, bb = getattr(a, "basis", None), getattr(b, "basis", None)
+    if (ba is None) != (bb is None):
+        return False
+    pairs = [(a.center, b.center), (a.axes, b.axes)] + ([] if ba is None else [(ba, bb)])
+    return all(torch.equal(x, y.to(x.device)) for x, y in pairs)
 
 
 class RunMemory:
@@ -49,25 +63,30 @@ class RunMemory:
     def same_decision(record, region, cert) -> bool:
         """Does a recomputed certificate agree with the memory's record of the same input (resume after a crash)?
 
-        Same prediction; for a kept region the same ellipsoid (axes and basis to 1e-9, relative); for a shrunk
-        one, the recorded ball inside the new region. Anything else is refused: the memory must hold exactly
-        the regions that the log reports.
+        The row written now and the memory must report the same region, so the test is exact, not a tolerance:
+
+        * same prediction (an abstaining certificate only matches an abstained record);
+        * **kept**: the recomputed region must be the stored one bit for bit (type, center, semi-axes, basis).
+          The row reports the recomputed certificate, so this makes it report exactly the region the memory
+          holds and checks later inputs against. (A tolerance would let the row report one region while the
+          memory keeps another; reporting the stored region instead would mix it with the recomputed row's
+          ``p_lower`` and ``gap``.) Exactness costs nothing where the run is reproducible, which a resume
+          needs anyway: an input's random numbers depend on the run seed and its dataset index only, and the
+          memory's decisions are computed canonically (:mod:`smoothcert.geometry.tolerances`), independent
+          of chunking, batching and resume point. Anything else is a computation that is not reproducible
+          here, refused rather than guessed at;
+        * **shrunk**: the row reports the stored ball (its radius and proxy radius, as the memory holds it),
+          which must lie inside the recomputed region (:func:`~smoothcert.geometry.inscribed_lower`, safe
+          for rounding and basis skew), so the row's certificate covers it;
+        * **abstained** (inside another class's region): the row reports an abstention, as recorded.
         """
         if record.prediction != cert.prediction:
             return False
         if record.action == "abstained" or cert.region is None:
             return record.action == "abstained" or cert.prediction < 0
         if record.action == "shrunk":
-            return record.radius <= cert.region.inscribed_radius
-        if region is None or region.axes.shape != cert.region.axes.shape:
-            return False
-        new_axes = cert.region.axes.to(region.axes.device)
-        if not torch.allclose(region.axes, new_axes, rtol=1e-9, atol=0.0):
-            return False
-        old_basis, new_basis = getattr(region, "basis", None), getattr(cert.region, "basis", None)
-        if (old_basis is None) != (new_basis is None):
-            return False
-        return old_basis is None or torch.allclose(old_basis, new_basis.to(old_basis.device), rtol=0.0, atol=1e-12)
+            return region is not None and record.radius <= inscribed_lower(cert.region)
+        return region is not None and same_region(region, cert.region)
 
     def remember(self, index: int, center: torch.Tensor, cert) -> tuple[str, Any, float]:
         """Algorithm 1 for one certified input (an abstained certificate is recorded as abstained)."""
