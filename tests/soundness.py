@@ -44,7 +44,7 @@ from conftest import Linear2
 from smoothcert.geometry.regions import Ball, CrossPolytope, Ellipsoid, Region
 
 __all__ = ["Plan", "plan", "count_violations", "assert_sound", "violations_of", "LinearCase", "linear_case",
-           "region_reach", "data_dependent_violations"]
+           "linear_problem", "region_reach", "data_dependent_violations"]
 
 PASS_PROB = 0.999
 POWER = 0.9
@@ -214,6 +214,19 @@ def linear_case(trials: int, d: int, seed: int, *, scale: float = 1.0) -> Linear
     model = Linear2(w * scale, -float((x @ w).median()) * scale)
     # the classifier is the one the model computes: its float32 weight and its bias rounded to float32
     return LinearCase(model, x, model.w.double(), float(np.float32(model.b)))
+
+
+def linear_problem(d: int = 8, seed: int = 0, margin: float = 0.3, scale: float = 3.0
+                   ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """One input: a seeded random unit normal ``w``, ``x0 = 0.5 + 0.1 N(0, I)`` and the hyperplane at distance
+    ``margin`` from it with ``x0`` on the class-1 side; returns ``(model, x0, w)`` (the model as in
+    :func:`linear_case`)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, generator=g)
+    w = w / w.norm()
+    x0 = 0.5 + 0.1 * torch.randn(d, generator=g)
+    b = -float(x0 @ w) + margin  # w . x0 + b = margin
+    return Linear2(w * scale, b * scale), x0, w
 
 
 def region_reach(region: Region, direction: torch.Tensor) -> float:
