@@ -204,13 +204,17 @@ class LinearCase:
         return np.array([0.0 if r is None else region_reach(r, unit) for r in regions])
 
 
-def linear_case(trials: int, d: int, seed: int, *, scale: float = 1.0) -> LinearCase:
-    """Seeded: ``w ~ N(0, I_d)``, ``x ~ U[0, 1]^d`` (``trials`` rows), ``b = -median(x . w)`` so that about half of
-    the inputs lie on each side; the model is :class:`conftest.Linear2` with logits ``(0, scale (w . x + b))``
-    (a larger ``scale`` sharpens the softmax the optimizers see; the classifier is the same)."""
+def linear_case(trials: int, d: int, seed: int, *, scale: float = 1.0, weight: torch.Tensor | None = None
+                ) -> LinearCase:
+    """Seeded: ``w ~ N(0, I_d)`` (or the given ``weight``), ``x ~ U[0, 1]^d`` (``trials`` rows), ``b = -median(x . w)``
+    so that about half of the inputs lie on each side; the model is :class:`conftest.Linear2` with logits
+    ``(0, scale (w . x + b))`` (a larger ``scale`` sharpens the softmax the optimizers see; the classifier is the
+    same)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(d, generator=g)
     x = torch.rand(trials, d, generator=g)
+    if weight is not None:
+        w = torch.as_tensor(weight, dtype=torch.float32).reshape(d)
     model = Linear2(w * scale, -float((x @ w).median()) * scale)
     # the classifier is the one the model computes: its float32 weight and its bias rounded to float32
     return LinearCase(model, x, model.w.double(), float(np.float32(model.b)))
