@@ -1,9 +1,18 @@
 import os
 
 import pytest
+import scipy.linalg  # noqa: F401 - load scipy's BLAS now, so that the limit below reaches it
+import scipy.optimize  # noqa: F401
 import torch
+from threadpoolctl import threadpool_limits
 
-torch.set_num_threads(int(os.environ.get("SMOOTHCERT_TEST_THREADS", "2")))
+THREADS = int(os.environ.get("SMOOTHCERT_TEST_THREADS", "2"))
+torch.set_num_threads(THREADS)
+# The tests' linear algebra (scipy's optimizers, small numpy products) is far too small for BLAS threads, and
+# OpenMP's pool must not exceed torch's: on a busy machine their waiting threads made the first-order radius
+# searches (thousands of small L-BFGS-B runs) 10-30x slower.
+threadpool_limits(1, user_api="blas")
+threadpool_limits(THREADS, user_api="openmp")
 
 
 class Linear2(torch.nn.Module):

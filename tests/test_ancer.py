@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from scipy import stats
 
 from smoothcert.geometry.regions import CrossPolytope
 from smoothcert.methods.base import RunContext
@@ -14,6 +13,7 @@ from smoothcert.methods.records import record_row
 from smoothcert.noise.gaussian import DiagonalGaussian
 from smoothcert.noise.uniform import UniformDiagonal
 
+from soundness import assert_sound, data_dependent_violations, linear_case, linear_problem, plan
 from test_dds import Ellipse, gens
 
 
@@ -50,79 +50,27 @@ def test_objective_formula_in_log_space():
     assert torch.prod(big) == 0 and torch.isclose(anisotropic_objective(torch.ones(1), big, 0.0), torch.tensor(1e-3))
 
 
-class Linear(torch.nn.Module):
-    """Binary linear classifier: logits (0, k (w . x + b)); class 1 on the side w . x + b > 0."""
-
-    def __init__(self, w, b, k=3.0):
-        super().__init__()
-        self.register_buffer("w", w)
-        self.b, self.k = b, k
-
-    def forward(self, x):
-        s = self.k * (x.reshape(x.shape[0], -1) @ self.w + self.b)
-        return torch.stack([torch.zeros_like(s), s], 1)
-
-
-def linear_problem(d=8, seed=0, margin=0.3):
-    """A random hyperplane and inputs at distance ``margin`` on its class-1 side."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(d, generator=g)
-    w = w / w.norm()
-    x0 = 0.5 + 0.1 * torch.randn(d, generator=g)
-    b = -float(x0 @ w) + margin  # w . x0 + b = margin
-    return Linear(w, b), x0, w
-
-
-def extent_along(region, normal):
-    """``max_{y in region} (y - c) . n``: ``||diag(a) B^T n||`` for an ellipsoid (support function)."""
-    n = normal.double()
-    if isinstance(region, CrossPolytope):
-        return float((region.semi_axes * n.abs()).max())
-    local = n if region.basis is None else region.basis.T @ n
-    return float(torch.linalg.vector_norm(region.semi_axes * local))
-
-
-def soundness_violations(method_factory, trials=40, alpha=0.1, d=8, margin=0.25, n=400):
-    """Run a data-dependent method on seeded linear problems; count certificates that cross the boundary.
-
-    For a linear classifier the smoothed classifier (any symmetric noise) predicts the side of ``x``, so a
-    region that reaches the other half-space (extent along the normal >= margin), or a wrong prediction,
-    is a failed certificate: that happens with probability at most ``alpha`` per trial.
-    """
-    violations = certified = 0
-    for t in range(trials):
-        model, x0, w = linear_problem(d, seed=t, margin=margin)
-        ctx = RunContext(model, 2, 50, n, alpha, 400, torch.float32, 1000 + t, torch.device("cpu"))
-        method = method_factory()
-        records = method.certify(ctx, x0[None], torch.tensor([1]), [t])
-        row = record_row(records[0], method.row_columns())
-        if row["predict"] == -1:
-            continue
-        certified += 1
-        cert_region = records[0].certificate.region
-        if row["predict"] != 1 or extent_along(cert_region, w) >= margin:
-            violations += 1
-    return violations, certified
-
-
-def assert_sound(violations, certified, trials, alpha):
-    """P(Binomial(trials, alpha) >= violations) must not be tiny (1e-3): no more failures than alpha allows."""
-    assert certified >= trials // 2, f"only {certified} of {trials} certified: the test would be vacuous"
-    assert stats.binom.sf(violations - 1, trials, alpha) > 1e-3, (violations, trials)
-
-
 def test_certified_ellipsoids_never_cross_a_linear_boundary_beyond_alpha():
-    alpha, trials = 0.1, 40
-    violations, certified = soundness_violations(
-        lambda: ANCER(0.3, samples=32, dds_steps=10, steps=20, lr=0.04, memory=False), trials, alpha)
-    assert_sound(violations, certified, trials, alpha)
+    """ANCER with memory on, all inputs of a linear problem in one run: the rows, the ellipsoids and what the memory
+    stored claim more than the exact half-space in at most the share alpha allows."""
+    p = plan(0.2)  # 97 trials, at most 32 violations: P(sound passes) 0.9991, P(2 alpha fails) 0.9052
+    case = linear_case(p.trials, 8, seed=0, scale=3.0)
+    method = ANCER(0.3, samples=32, dds_steps=10, steps=20, lr=0.04)
+    violations, rows = data_dependent_violations(method, case, n0=50, n=400, alpha=p.alpha, seed=1000)
+    assert sum(r["predict"] != -1 for r in rows) >= p.trials // 2, "the test would be vacuous"
+    assert all(r["memory"] in ("kept", "shrunk", "abstained", "n/a") for r in rows)
+    assert_sound(violations, p)
 
 
 def test_l1_with_uniform_noise():
-    alpha, trials = 0.1, 30
-    violations, certified = soundness_violations(
-        lambda: ANCER(0.3, samples=32, dds_steps=10, steps=20, norm="l1", memory=False), trials, alpha)
-    assert_sound(violations, certified, trials, alpha)
+    """ANCER's l1 certificate (uniform noise) with memory on; the boundary is axis-aligned, where the l1 region is
+    tight (an oblique one leaves the union bound's slack), so a too-large region shows."""
+    p = plan(0.2)  # 97 trials, at most 32 violations: P(sound passes) 0.9991, P(2 alpha fails) 0.9052
+    case = linear_case(p.trials, 8, seed=1, scale=3.0, weight=torch.eye(8)[2])
+    method = ANCER(0.3, samples=32, dds_steps=10, steps=20, norm="l1")
+    violations, rows = data_dependent_violations(method, case, n0=50, n=400, alpha=p.alpha, seed=2000)
+    assert sum(r["predict"] != -1 for r in rows) >= p.trials // 2, "the test would be vacuous"
+    assert_sound(violations, p)
     method = ANCER(0.2, samples=16, dds_steps=3, steps=3, norm="l1", memory=False)
     model, x0, _ = linear_problem(4)
     ctx = RunContext(model, 2, 20, 200, 0.01, 200, torch.float32, 0, torch.device("cpu"))

@@ -56,6 +56,7 @@ def test_train_certify_report(checkpoint, tmp_path, capsys):
     assert without_time(evens)[1:] == without_time(out)[1::2]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_uninterrupted_file(checkpoint, tmp_path):
     full = tmp_path / "full.tsv"
     assert main(certify_args(checkpoint, full)) == 0
@@ -109,6 +110,7 @@ def test_predict_writes_cohen_columns(checkpoint, tmp_path):
     assert sum(int(r[3]) for r in rows[1:]) >= 12  # a trained toy model is mostly right
 
 
+@pytest.mark.slow
 def test_compiled_model_gives_a_valid_run_and_is_refused_for_gradient_methods(checkpoint, tmp_path, capsys):
     out = tmp_path / "c.tsv"
     args = certify_args(checkpoint, out, max=4)

@@ -15,6 +15,8 @@ from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.engine.sampling import input_generator
 from smoothcert.engine.smooth import certify
 
+from soundness import assert_sound, data_dependent_violations, linear_case, plan
+
 
 class Ellipse(torch.nn.Module):
     """Class 1 inside the ellipse ``||diag(1/axes) R^T (x - c)|| < 1`` (soft logits), class 0 outside."""
@@ -98,6 +100,22 @@ def test_optimizer_pass_size_is_capped_on_a_cpu_and_honours_the_option():
     assert DDS(0.1, samples=600).opt_batch(ctx(1000, "cpu"), digits) == 600
     assert DDS(0.1).opt_batch(ctx(1000, "cuda"), digits) == 1000       # accelerators take the whole --batch-size
     assert DDS(0.1, max_batch=64).opt_batch(ctx(1000, "cpu"), digits) == 64
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_certificates_with_memory_never_cross_a_linear_boundary_beyond_alpha(norm):
+    """DDS with memory on (Gaussian noise for l2, uniform for l1), all inputs of a linear problem in one run: the
+    rows, the balls / cross-polytopes and what the memory stored claim more than the exact half-space (l1: the
+    l1 distance for ``radius_norm``) in at most the share alpha allows. The l1 case has an axis-aligned boundary,
+    where the l1 region is tight (an oblique one leaves the union bound's slack)."""
+    p = plan(0.2)  # 97 trials, at most 32 violations: P(sound passes) 0.9991, P(2 alpha fails) 0.9052
+    weight = None if norm == "l2" else torch.eye(8)[5]
+    case = linear_case(p.trials, 8, seed=2 if norm == "l2" else 3, scale=3.0, weight=weight)
+    method = DDS(0.3, samples=32, dds_steps=20, norm=norm)
+    violations, rows = data_dependent_violations(method, case, n0=50, n=400, alpha=p.alpha, seed=1000)
+    assert sum(r["predict"] != -1 for r in rows) >= p.trials // 2, "the test would be vacuous"
+    assert len({r["scale_iso"] for r in rows}) > p.trials // 2  # the noise is chosen per input
+    assert_sound(violations, p)
 
 
 def test_gap_forms_use_probabilities():

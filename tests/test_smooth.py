@@ -6,37 +6,33 @@ import torch
 from scipy import stats as st
 
 from smoothcert.engine.smooth import ABSTAIN, Smooth, certify, predict
-from smoothcert.noise.gaussian import DiagonalGaussian, IsotropicGaussian
+from smoothcert.noise.gaussian import DiagonalGaussian, FullGaussian, IsotropicGaussian, RotatedGaussian
 from smoothcert.engine.sampling import input_generator
 
 from conftest import Linear2
+from soundness import LinearCase, assert_sound, linear_case, plan, violations_of
 
 
-def linear_trials(trials, d, sigma, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(d, generator=g)
-    x = torch.rand(trials, d, generator=g)
-    b = float(-(x @ w).median())
-    model = Linear2(w, b)
-    margin = x @ w + b
-    exact = (margin.abs() / w.norm()).double()  # distance to the decision boundary = exact smoothed radius
-    label = (margin > 0).long()
-    return model, x, exact, label
+def certificate_violations(case, certs):
+    """Per trial: a wrong non-abstaining class, an inscribed radius above the exact l2 distance, or a region that
+    reaches the hyperplane."""
+    predicted = [c.prediction for c in certs]
+    exact = case.distance("l2")
+    return (violations_of([c.radius for c in certs], exact, predicted, case.label)
+            | violations_of(case.reach([c.region for c in certs]), exact))
 
 
 def test_linear_soundness_over_seeded_trials():
     """Certified radius > exact radius (or a wrong class) happens in at most the share alpha allows."""
-    trials, alpha, sigma = 400, 0.05, 0.5
-    model, x, exact, label = linear_trials(trials, 10, sigma, seed=0)
-    gens = [(input_generator(11, i, "select"), input_generator(11, i, "estimate")) for i in range(trials)]
-    certs = certify(model, x, IsotropicGaussian(sigma), 2, 50, 500, alpha, batch_size=4000, generators=gens,
-                    range_policy="ignore")
-    failures = sum(1 for c, r, y in zip(certs, exact.tolist(), label.tolist())
-                   if not c.abstained and (c.prediction != y or c.radius > r))
+    p = plan(0.05)  # 501 trials, at most 41 violations: P(sound passes) 0.9991, P(2 alpha fails) 0.9024
+    sigma = 0.5
+    case = linear_case(p.trials, 10, seed=0)
+    gens = [(input_generator(11, i, "select"), input_generator(11, i, "estimate")) for i in range(p.trials)]
+    certs = certify(case.model, case.x, IsotropicGaussian(sigma), 2, 50, 500, p.alpha, batch_size=4000, block=500,
+                    generators=gens, range_policy="ignore")
     answered = sum(not c.abstained for c in certs)
-    assert answered > trials / 2, "the test must exercise certificates, not abstentions"
-    # P(failure) <= alpha per trial; reject only if the count is implausible at level 1e-6
-    assert failures <= st.binom.ppf(1 - 1e-6, trials, alpha)
+    assert answered > p.trials / 2, "the test must exercise certificates, not abstentions"
+    assert_sound(certificate_violations(case, certs), p)
 
 
 def test_linear_tightness_at_large_n():
@@ -52,37 +48,41 @@ def test_linear_tightness_at_large_n():
     assert 0.9 * dist <= radius <= dist
 
 
-def test_anisotropic_certificate_is_sound_on_a_linear_classifier():
-    """Diagonal noise: the ellipsoid's farthest point along the normal stays on the certified side."""
-    trials, alpha = 300, 0.05
-    model, x, _, label = linear_trials(trials, 4, 0.5, seed=1)
+def anisotropic_noise(kind):
     theta = torch.tensor([0.2, 0.9, 0.4, 1.3])
-    w, b = model.w.double(), model.b
-    certs = certify(model, x, DiagonalGaussian(theta), 2, 50, 500, alpha, batch_size=4000,
-                    generators=[input_generator(2, i, "c") for i in range(trials)], range_policy="ignore")
-    failures = 0
-    for c, xi, y in zip(certs, x.double(), label.tolist()):
-        if c.abstained:
-            continue
-        reach = float((c.region.semi_axes * w).norm())  # max of |w.delta| over the ellipsoid
-        margin = float(xi @ w + b)
-        if c.prediction != y or reach > abs(margin):
-            failures += 1
-    assert failures <= st.binom.ppf(1 - 1e-6, trials, alpha)
+    if kind == "diagonal":
+        return DiagonalGaussian(theta)
+    basis = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64))[0]
+    if kind == "rotated":
+        return RotatedGaussian(basis, theta)
+    return FullGaussian((basis * theta.double()) @ basis.T)  # SPD with eigenvalues theta
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "rotated", "full"])
+def test_anisotropic_certificate_is_sound_on_a_linear_classifier(kind):
+    """Diagonal, rotated and full Gaussian noise: the ellipsoid's farthest point along the normal stays on the
+    certified side (and the class is the smoothed one) in all but the share alpha allows."""
+    p = plan(0.05)  # 501 trials, at most 41 violations: P(sound passes) 0.9991, P(2 alpha fails) 0.9024
+    case = linear_case(p.trials, 4, seed=1)
+    certs = certify(case.model, case.x, anisotropic_noise(kind), 2, 50, 500, p.alpha, batch_size=4000, block=500,
+                    generators=[input_generator(2, i, "c") for i in range(p.trials)], range_policy="ignore")
+    assert sum(not c.abstained for c in certs) > p.trials / 2
+    assert_sound(certificate_violations(case, certs), p)
 
 
 def test_predict_abstains_on_ties_and_answers_when_one_class_dominates():
+    """At a tie (exactly on the boundary: both classes have probability 1/2) every answer is wrong, so PREDICT
+    answers there in at most the share alpha of trials; far from the boundary it answers the true class."""
+    p = plan(0.05)  # 501 trials, at most 41 answers: P(sound passes) 0.9991, P(2 alpha fails) 0.9024
     model = Linear2(torch.tensor([1.0, 0.0]), 0.0)
-    tie = torch.tensor([[0.0, 0.3]])  # exactly on the boundary: both classes have probability 1/2
-    clear = torch.tensor([[0.4, 0.3]])
-    abstentions = 0
-    for seed in range(40):
-        out = predict(model, torch.cat([tie, clear]), IsotropicGaussian(0.25), 2, 1000, 0.01,
-                      generators=[input_generator(seed, 0, "p"), input_generator(seed, 1, "p")])
-        abstentions += out[0] == ABSTAIN
-        assert out[1] == 1
-    # abstains unless the test falsely rejects (probability <= alpha each time)
-    assert abstentions >= 40 - st.binom.ppf(1 - 1e-6, 40, 0.01)
+    tie = torch.tensor([[0.0, 0.3]]).expand(p.trials, 2)
+    clear = torch.tensor([[0.4, 0.3]]).expand(40, 2)
+    gens = [input_generator(seed, 0, "p") for seed in range(p.trials)] + \
+        [input_generator(seed, 1, "p") for seed in range(40)]
+    out = predict(model, torch.cat([tie, clear]), IsotropicGaussian(0.25), 2, 1000, p.alpha, batch_size=20_000,
+                  block=1000, generators=gens)
+    assert (out[p.trials:] == 1).all()
+    assert_sound(out[: p.trials] != ABSTAIN, p)
     assert Smooth(model, 2, 0.25, seed=0).predict(tie[0], 1000, 0.01, 100) == Smooth.ABSTAIN
 
 
@@ -163,7 +163,8 @@ def test_a_model_with_a_pca_first_layer_stays_sound():
     from smoothcert.models.pca import add_pca, fit_pca
 
     g = torch.Generator().manual_seed(5)
-    d, trials, alpha, sigma = 8, 300, 0.05, 0.3
+    p = plan(0.05)  # 501 trials, at most 41 violations: P(sound passes) 0.9991, P(2 alpha fails) 0.9024
+    d, sigma = 8, 0.3
     # training data with three strong directions: PCA keeps those, P projects the rest away
     basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0][:, :3].float()
     data = 0.5 + (torch.randn(2000, 3, generator=g) * 0.2) @ basis.T + 0.01 * torch.randn(2000, d, generator=g)
@@ -171,16 +172,13 @@ def test_a_model_with_a_pca_first_layer_stays_sound():
     assert projection.num_components == 3
     w = torch.randn(d, generator=g)
     model = add_pca(Linear2(w, 0.0), projection)
-    p = projection.matrix().double()
+    proj = projection.matrix().double()
     mu = projection.mean.double()
-    w_eff = p @ w.double()
-    b_eff = float(w.double() @ (mu - p @ mu))
-    x = torch.rand(trials, d, generator=g)
-    margin = x.double() @ w_eff + b_eff
-    exact, label = margin.abs() / w_eff.norm(), (margin > 0).long()
-    gens = [(input_generator(4, i, "select"), input_generator(4, i, "estimate")) for i in range(trials)]
-    certs = certify(model, x, IsotropicGaussian(sigma), 2, 50, 500, alpha, batch_size=5000, generators=gens)
-    failures = sum(1 for c, r, y in zip(certs, exact.tolist(), label.tolist())
-                   if not c.abstained and (c.prediction != y or c.radius > r))
-    assert sum(not c.abstained for c in certs) > trials / 3
-    assert failures <= st.binom.ppf(1 - 1e-6, trials, alpha)
+    w_eff = proj @ w.double()
+    b_eff = float(w.double() @ (mu - proj @ mu))
+    case = LinearCase(model, torch.rand(p.trials, d, generator=g), w_eff, b_eff)
+    gens = [(input_generator(4, i, "select"), input_generator(4, i, "estimate")) for i in range(p.trials)]
+    certs = certify(model, case.x, IsotropicGaussian(sigma), 2, 50, 500, p.alpha, batch_size=5000, block=500,
+                    generators=gens)
+    assert sum(not c.abstained for c in certs) > p.trials / 3
+    assert_sound(certificate_violations(case, certs), p)

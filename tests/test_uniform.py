@@ -12,6 +12,8 @@ from smoothcert.engine.sampling import input_generator, sample_counts
 from smoothcert.engine.smooth import certify
 from smoothcert.noise.uniform import UniformDiagonal, uniform_tv
 
+from soundness import assert_sound, linear_case, plan, violations_of
+
 F64 = torch.float64
 
 
@@ -116,3 +118,31 @@ def test_certify_with_uniform_noise_gives_l1_regions():
     # the exact p along x_2 is (0.5 + 0.5 - 0.2) / 1.0 = 0.8: the certified extent toward the boundary
     # (0.5 * gap) must stay below the true distance 0.3 (= 0.5 * (2 * 0.8 - 1))
     assert 0.5 * cert.gap <= 0.3
+
+
+@pytest.mark.parametrize("half_width, weight", [
+    (0.5, None), ((0.3, 0.9, 0.5, 0.2, 0.7, 0.4), None),
+    (0.5, (0.0, 0.0, 1.0, 0.0, 0.0, 0.0)),  # axis-aligned: p is linear in the margin and the l1 radius is exact
+])
+def test_certified_l1_regions_are_sound_on_linear_classifiers(half_width, weight):
+    """Isotropic and anisotropic uniform noise on a linear classifier (exact region: the half-space on the input's
+    side): the largest l1 ball in the region (radius ``gap * min lambda``; for isotropic noise Yang et al.'s
+    ``lambda (2 p_A - 1)``) against the exact l1 distance ``|w . x + b| / ||w||_inf``, the cross-polytope's reach
+    toward the hyperplane, the inscribed l2 radius and the class: claims beyond the truth in at most an alpha
+    share of trials. For an oblique boundary the union bound leaves slack; along an axis the certificate is
+    tight (``p_A = 1/2 + margin / (2 lambda)``), so there a too-loose bound shows at once."""
+    p = plan(0.05)  # 501 trials, at most 41 violations: P(sound passes) 0.9991, P(2 alpha fails) 0.9024
+    case = linear_case(p.trials, 6, seed=8, weight=weight)
+    noise = UniformDiagonal(torch.as_tensor(half_width, dtype=F64))
+    certs = certify(case.model, case.x, noise, 2, 50, 500, p.alpha, batch_size=4000, block=500,
+                    generators=[(input_generator(9, i, "select"), input_generator(9, i, "estimate"))
+                                for i in range(p.trials)], range_policy="ignore")
+    regions = [c.region for c in certs]
+    assert all(isinstance(r, CrossPolytope) for r in regions if r is not None)
+    assert sum(r is not None for r in regions) > p.trials / 2
+    l1_radius = [0.0 if r is None else float(r.semi_axes.min()) for r in regions]
+    predicted = [c.prediction for c in certs]
+    violations = (violations_of(l1_radius, case.distance("l1"), predicted, case.label)
+                  | violations_of(case.reach(regions), case.distance("l2"))
+                  | violations_of([c.radius for c in certs], case.distance("l2")))
+    assert_sound(violations, p)
