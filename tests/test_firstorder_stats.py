@@ -136,7 +136,7 @@ def test_observer_sums_match_the_per_sample_formula():
     x = torch.rand(3, 2, 3)
     sigma = 0.4
     classes = torch.tensor([0, 1, 2])
-    obs = fs.GradientObserver(classes, sigma, 6)
+    obs = fs.GradientObserver(sigma, classes=classes)
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     counts = sample_counts(model, x, IsotropicGaussian(sigma), 50, 3, batch_size=60, block=20, generators=gens,
                            observers=[obs])

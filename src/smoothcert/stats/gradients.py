@@ -32,6 +32,7 @@ functions on the coordinates of the sums in an orthonormal basis of the subspace
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -50,25 +51,71 @@ KAPPA: float = 0.25 + 3.0 / math.sqrt(8.0 * math.pi * math.e)
 
 
 class GradientObserver:
-    """An observer for :func:`smoothcert.sampling.sample_counts` that sums ``u (1[f(x + sigma u) = c] - 1/2)``.
+    """An observer for :func:`smoothcert.engine.sampling.sample_counts` and the estimation pass of
+    :func:`smoothcert.engine.smooth.certify` that sums ``u (1[f(x + sigma u) = c] - 1/2)`` per input.
 
-    ``classes`` holds the tracked class per input (chosen on independent selection samples); ``sums`` is a
-    float64 ``(B, d)`` tensor on the inputs' device and ``count`` the samples seen per input. Nothing per sample
-    is kept: each block's contribution is reduced at once (in float64, outside autocast).
+    ``parts`` (optional) splits each input's samples, in the order they are drawn, into consecutive parts of
+    those sizes (the two independent halves of seed 004 Theorem 5); :attr:`part_sums` is a float64
+    ``(B, parts, d)`` tensor on the inputs' device, :attr:`sums` their total ``(B, d)`` and ``count`` the samples
+    seen per input. ``classes`` holds the tracked class per input, chosen on independent selection samples:
+    give it here or through :meth:`begin` (which ``certify`` calls with its selected classes). Nothing per
+    sample is kept: each block's contribution is reduced at once (in float64, outside autocast), part by part
+    with a mask of the samples' positions (no host synchronization).
     """
 
-    def __init__(self, classes: torch.Tensor, sigma: float, dim: int):
-        self.classes = classes.reshape(-1).to(torch.int64)
+    def __init__(self, sigma: float, *, parts: Sequence[int] | None = None, classes: torch.Tensor | None = None):
         self.sigma = check_positive("sigma", sigma)
-        self.sums = torch.zeros((len(self.classes), dim), dtype=torch.float64, device=self.classes.device)
+        self.parts = None if parts is None else tuple(check_count("observer part size", p) for p in parts)
+        if self.parts is not None and not self.parts:
+            raise ValueError("parts must list at least one part size")
+        self.classes: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None
+        if classes is not None:
+            self.begin(classes)
+
+    def begin(self, classes: torch.Tensor) -> None:
+        """Track ``classes`` (one per input) and start from zero sums."""
+        self.classes = classes.reshape(-1).to(torch.int64)
         self.count = torch.zeros(len(self.classes), dtype=torch.int64, device=self.classes.device)
+        self._sums = None  # allocated at the first block, when the input dimension is known
+
+    @property
+    def part_sums(self) -> torch.Tensor:
+        """``(B, parts, d)`` float64 sums of ``u (1[f = c] - 1/2)`` over each part's samples."""
+        if self._sums is None:
+            raise RuntimeError("GradientObserver has seen no samples yet")
+        if self.parts is not None and int(self.count.max()) > sum(self.parts):
+            raise ValueError(f"GradientObserver saw {int(self.count.max())} samples of an input, more than its "
+                             f"parts {self.parts} hold")
+        return self._sums
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """``(B, d)`` float64 sums over all samples seen."""
+        return self.part_sums.sum(dim=1)
 
     def __call__(self, rows: torch.Tensor, noise: torch.Tensor, predictions: torch.Tensor) -> None:
+        if self.classes is None:
+            raise RuntimeError("GradientObserver: give the tracked classes (classes=... or begin) before sampling")
         with torch.autocast(device_type=noise.device.type, enabled=False):
             sign = (predictions == self.classes[rows].unsqueeze(1)).to(torch.float64) - 0.5
             flat = noise.reshape(noise.shape[0], noise.shape[1], -1).to(torch.float64)
-            self.sums[rows] += torch.einsum("gm,gmd->gd", sign, flat) / self.sigma
-            self.count[rows] += predictions.shape[1]
+            if self._sums is None:
+                width = 1 if self.parts is None else len(self.parts)
+                self._sums = torch.zeros((len(self.classes), width, flat.shape[2]), dtype=torch.float64,
+                                         device=self.classes.device)
+            m = predictions.shape[1]
+            if self.parts is None:
+                self._sums[rows, 0] += torch.einsum("gm,gmd->gd", sign, flat) / self.sigma
+            else:
+                position = self.count[rows].unsqueeze(1) + torch.arange(m, device=rows.device)
+                start = 0
+                for part, size in enumerate(self.parts):
+                    inside = ((position >= start) & (position < start + size)).to(torch.float64)
+                    self._sums[rows, part] += torch.einsum("gm,gmd->gd", sign * inside, flat) / self.sigma
+                    start += size
+            self.count[rows] += m
 
 
 def _delta(delta: float) -> float:

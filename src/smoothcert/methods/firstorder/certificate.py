@@ -1,18 +1,22 @@
 """First-order ("higher-order") certificates for Gaussian smoothing (seed 004): same noise as Cohen, more from
 the same samples.
 
-Protocol (:func:`certify_first_order`), per input, with ``N(0, sigma^2 I)`` noise:
+Protocol (:func:`certify_first_order`): Cohen's CERTIFY plus an observer and a radius step. Per input, with
+``N(0, sigma^2 I)`` noise:
 
-1. ``n0`` selection samples choose ``c_A`` (independent of everything below).
-2. ``n`` fresh samples in two independent halves (``n1 = n // 2``, ``n2 = n - n1``) give the class counts and,
-   through a :class:`~smoothcert.firstorder_stats.GradientObserver`, the sums of ``u (1[f(x + sigma u) = c_A] -
-   1/2)`` per half (nothing per sample is kept).
-3. The failure probability is split (union bound): ``alpha_p = alpha_split * alpha`` for the Clopper-Pearson
-   bound ``q`` of ``p_A`` (all ``n`` counts), and ``alpha_grad = alpha - alpha_p`` evenly over the gradient-norm
-   bounds the requested radii need (:mod:`smoothcert.firstorder_stats`: Theorem 4, 5, Table 1).
-4. Radii (:mod:`smoothcert.firstorder_radii`: Theorem 3, Corollaries 3.1-3.4), zeroth- and first-order side by
-   side, in input units (``sigma`` times the normalized radius). Every first-order radius is the largest of all
-   radii that hold on the same event, so it is never below the zeroth-order one from the same ``q``.
+1. The plan (:class:`FirstOrderPlan`, recorded in every certificate) splits the failure probability (union
+   bound): ``alpha_p = alpha_split * alpha`` for the Clopper-Pearson bound ``q`` of ``p_A``, and
+   ``alpha_grad = alpha - alpha_p`` evenly over the gradient-norm bounds the requested radii need.
+2. :func:`smoothcert.engine.smooth.certify` at level ``alpha_p``: ``n0`` selection samples choose ``c_A``; the
+   ``n`` fresh estimation samples, in two independent halves (``n1 = n // 2``, ``n2 = n - n1``, one stream
+   each), give the class counts, ``q``, and, through a :class:`~smoothcert.stats.gradients.GradientObserver`
+   on the estimation samples only, the sums of ``u (1[f(x + sigma u) = c_A] - 1/2)`` per half (nothing per
+   sample is kept).
+3. Gradient-norm bounds from those sums (:mod:`smoothcert.stats.gradients`: Theorem 4, 5, Table 1), then the
+   radii (:mod:`smoothcert.methods.firstorder.radii`: Theorem 3, Corollaries 3.1-3.4), zeroth- and first-order
+   side by side, in input units (``sigma`` times the normalized radius). Every first-order radius is the
+   largest of all radii that hold on the same event, so it is never below the zeroth-order one from the same
+   ``q``.
 
 Guarantee: with probability at least ``1 - alpha`` every reported radius is certified at once: the smoothed
 classifier predicts ``c_A`` on the l2 ball of radius ``radii["l2_1"]``, the l1 ball ``radii["l1_1"]``, the
@@ -33,11 +37,10 @@ import torch
 import smoothcert.stats.gradients as fs
 from smoothcert.methods.firstorder.radii import l2_radius, vertex_radius, zeroth_order_radius
 from smoothcert.noise.gaussian import IsotropicGaussian
-from smoothcert.engine.sampling import sample_counts
-from smoothcert.engine.smooth import ABSTAIN, dtype_name
-from smoothcert.stats.bounds import clopper_pearson_lower, gap as normal_gap
+from smoothcert.engine.smooth import ABSTAIN, certify
+from smoothcert.stats.bounds import clopper_pearson_lower
 from smoothcert.methods.firstorder.subspace import Subspace
-from smoothcert.validation import (check_alpha, check_count, check_inputs, check_num_classes, check_positive, check_sample_sizes)
+from smoothcert.validation import check_alpha, check_count, check_positive
 
 __all__ = ["NORMS", "Subspace", "FirstOrderCertificate", "FirstOrderPlan", "certify_first_order"]
 
@@ -225,6 +228,11 @@ def normalized_radii(q: float, bounds: dict[str, float], plan: FirstOrderPlan, d
     return out
 
 
+def _input_shape(x) -> tuple[int, ...] | None:
+    """The shape of one input, when ``x`` is a batch tensor (else :func:`certify` rejects it before sampling)."""
+    return tuple(x.shape[1:]) if isinstance(x, torch.Tensor) and x.ndim >= 2 else None
+
+
 def certify_first_order(
     model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -246,57 +254,42 @@ def certify_first_order(
 ) -> list[FirstOrderCertificate]:
     """First-order CERTIFY for a batch ``x`` (B, *shape) under ``N(0, sigma^2 I)``; one certificate per input.
 
-    ``generators``: per input a triple ``(selection, first half, second half)`` of independent streams (or
-    ``None`` for torch's global generator). See the module docstring for the protocol and the guarantee.
-    Raises ValueError before sampling on a bad budget, norm or subspace.
+    Cohen's CERTIFY (:func:`smoothcert.engine.smooth.certify` at level ``alpha_p``) with a
+    :class:`~smoothcert.stats.gradients.GradientObserver` on its estimation samples, then the gradient bounds
+    and the radii. ``generators``: per input a triple ``(selection, first half, second half)`` of independent
+    streams (or ``None`` for torch's global generator). See the module docstring for the protocol and the
+    guarantee. Raises ValueError before sampling on a bad budget, norm or subspace.
     """
-    if not callable(model):
-        raise TypeError("the base classifier must be callable (an nn.Module or a function of a batch)")
-    check_num_classes(num_classes)
-    check_count("batch_size", batch_size)
-    dtype_name(dtype)
-    check_inputs(x, range_policy=range_policy)
-    check_sample_sizes(n0, n)
     sigma = check_positive("sigma (noise level, in input units where pixels lie in [0, 1])", sigma)
     sub = Subspace(subspace) if subspace is not None and not isinstance(subspace, Subspace) else subspace
     plan = FirstOrderPlan.make(alpha, n, norms, sub is not None, alpha_split)
-    shape = tuple(x.shape[1:])
+    shape = _input_shape(x)
+    if sub is not None and shape is not None:
+        sub.dim(shape)  # a subspace that does not fit the inputs is rejected before sampling
+    if generators is None and shape is not None:
+        generators = [(None, None, None)] * x.shape[0]  # torch's global generator, three parts in turn
+    elif generators is not None and not all(isinstance(g, (tuple, list)) and len(g) == 3 for g in generators):
+        raise ValueError("generators must hold one (selection, half 1, half 2) triple per input")
+    observer = fs.GradientObserver(sigma, parts=plan.halves)
+    certs = certify(model, x, IsotropicGaussian(sigma), num_classes, n0, n, plan.alpha_p, batch_size=batch_size,
+                    block=block, generators=generators, dtype=dtype, seed=seed, range_policy=range_policy,
+                    observers=[observer])
     dim = math.prod(shape)
     sub_dim = sub.dim(shape) if sub is not None else None
-    total = x.shape[0]
-    if generators is None:
-        streams = [[None] * total for _ in range(3)]
-    else:
-        gens = list(generators)
-        if len(gens) != total or not all(isinstance(g, (tuple, list)) and len(g) == 3 for g in gens):
-            raise ValueError(f"generators must hold one (selection, half 1, half 2) triple per input ({total})")
-        streams = [[g[k] for g in gens] for k in range(3)]
-
-    noise = IsotropicGaussian(sigma)
-    kw = dict(batch_size=batch_size, block=block, dtype=dtype)
-    top = sample_counts(model, x, noise, n0, num_classes, generators=streams[0], **kw).argmax(dim=1)
-    counts, sums = 0, []
-    for half, size in zip(streams[1:], plan.halves):
-        observer = fs.GradientObserver(top, sigma, dim)
-        counts = counts + sample_counts(model, x, noise, size, num_classes, generators=half,
-                                        observers=[observer], **kw)
-        sums.append(observer.sums.cpu().numpy())
-    counts = counts.cpu().numpy()
-    top = top.cpu().numpy()
-    n_a = counts[np.arange(total), top]
-    p_lower = np.atleast_1d(clopper_pearson_lower(n_a, np.full_like(n_a, n), plan.alpha_p))
+    sums = observer.part_sums.cpu().numpy()
+    sums = (sums[:, 0], sums[:, 1])
     sub_sums = tuple(sub.coordinates(s, shape) for s in sums) if sub is not None else None
-    bounds = _grad_bounds(plan, (sums[0], sums[1]), sub_sums)
+    bounds = _grad_bounds(plan, sums, sub_sums)
 
     out = []
-    for i in range(total):
-        q = float(p_lower[i])
+    for i, c in enumerate(certs):
+        q = c.p_lower
         b = {k: float(v[i]) for k, v in bounds.items()}
         radii = {k: sigma * v for k, v in normalized_radii(q, b, plan, dim, sub_dim).items()}
         out.append(FirstOrderCertificate(
-            prediction=int(top[i]) if q > 0.5 else ABSTAIN, p_lower=q,
-            gap=float(normal_gap(q)) if q > 0.5 else float("nan"), counts=counts[i], radius=radii["l2_1"],
+            prediction=c.prediction if q > 0.5 else ABSTAIN, p_lower=q,
+            gap=c.gap if q > 0.5 else float("nan"), counts=c.counts, radius=radii["l2_1"],
             radii=radii, grad_bounds={k: v / sigma for k, v in b.items()}, sigma=sigma, n0=n0, n=n,
             halves=plan.halves, alpha=plan.alpha, alpha_p=plan.alpha_p, alpha_grad=plan.alpha_grad,
-            alpha_each=plan.alpha_each, dtype=dtype_name(dtype), dim=dim, subspace_dim=sub_dim, seed=seed))
+            alpha_each=plan.alpha_each, dtype=c.dtype, dim=dim, subspace_dim=sub_dim, seed=seed))
     return out
