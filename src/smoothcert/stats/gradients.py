@@ -24,9 +24,12 @@ The samples come in two independent halves with means ``X`` (``n1`` samples) and
   ``t_1 = sqrt(2 KAPPA d (d log 2 + log(1 / delta)) / n)`` (union over the ``2^d`` sign vectors).
 
 Each function returns a one-sided bound that holds with probability at least ``1 - delta``; the caller
-splits its failure probability over the bounds it uses (union bound). Bounds over a subspace use the same
-functions on the coordinates of the sums in an orthonormal basis of the subspace, with ``d = d_S``
-(seed 004 section 4, last paragraph).
+splits its failure probability over the bounds it uses (union bound). Bounds over a subspace ``S`` (seed 004
+section 4, last paragraph) are of ambient norms of ``P_S beta``: l2 from the halves' coordinates ``Q^T X``,
+``Q^T Y`` in an orthonormal basis (``d = d_S``: ``Q^T (X - beta)`` is sub-Gaussian with the same proxy in
+``R^{d_S}``); l_inf and l1 from the pooled ``P_S M``, where ``e_i^T P_S (M - beta)`` has proxy
+``KAPPA ||P_S e_i||^2 / n`` (pass ``kappa = KAPPA max_i ||P_S e_i||^2``) and ``s^T P_S (M - beta)`` has proxy
+``KAPPA ||P_S s||^2 / n`` (pass ``sign_norm2``).
 """
 
 from __future__ import annotations
@@ -198,8 +201,9 @@ def _t_inf(dim: int, n: int, delta: float, kappa: float) -> float:
     return math.sqrt(2.0 * kappa * (math.log(2.0 * dim) - math.log(_delta(delta))) / n)
 
 
-def _t_one(dim: int, n: int, delta: float, kappa: float) -> float:
-    return math.sqrt(2.0 * kappa * dim * (dim * math.log(2.0) - math.log(_delta(delta))) / n)
+def _t_one(dim: int, n: int, delta: float, kappa: float, sign_norm2: float | None = None) -> float:
+    sign_norm2 = dim if sign_norm2 is None else check_positive("sign_norm2", sign_norm2)
+    return math.sqrt(2.0 * kappa * sign_norm2 * (dim * math.log(2.0) - math.log(_delta(delta))) / n)
 
 
 def linf_upper(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA) -> np.ndarray:
@@ -214,10 +218,15 @@ def linf_lower(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA) -> n
     return np.maximum(np.abs(m).max(axis=1) - _t_inf(m.shape[1], n, delta, kappa), 0.0)
 
 
-def l1_upper(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA) -> np.ndarray:
-    """``P(||beta||_1 <= ||M||_1 + t_1) >= 1 - delta`` for the pooled mean ``M`` of ``n`` samples (Table 1)."""
+def l1_upper(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA, *,
+             sign_norm2: float | None = None) -> np.ndarray:
+    """``P(||beta||_1 <= ||M||_1 + t_1) >= 1 - delta`` for the pooled mean ``M`` of ``n`` samples (Table 1).
+
+    ``sign_norm2`` bounds ``||P s||^2`` over sign vectors ``s`` when ``M = P Z`` is a projection (default: the
+    dimension, ``||s||^2``): the variance-proxy factor of ``s^T M``.
+    """
     m = _pooled(mean, n)
-    return np.abs(m).sum(axis=1) + _t_one(m.shape[1], n, delta, kappa)
+    return np.abs(m).sum(axis=1) + _t_one(m.shape[1], n, delta, kappa, sign_norm2)
 
 
 def l1_lower(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA) -> np.ndarray:

@@ -20,8 +20,9 @@ Protocol (:func:`certify_first_order`): Cohen's CERTIFY plus an observer and a r
 
 Guarantee: with probability at least ``1 - alpha`` every reported radius is certified at once: the smoothed
 classifier predicts ``c_A`` on the l2 ball of radius ``radii["l2_1"]``, the l1 ball ``radii["l1_1"]``, the
-l_inf ball ``radii["linf_1"]`` and, within the subspace, the corresponding balls (l_p norms of the subspace
-coordinates in its orthonormal basis). The l1, l_inf and subspace radii rely on the convexity of the
+l_inf ball ``radii["linf_1"]`` and, within the subspace ``S``, the corresponding balls
+``{delta in S : ||delta||_p <= radii["sub_lp_1"]}`` in the ambient norm of the perturbation (seed 004
+Definition 1), the same for every basis that describes ``S``. The l1, l_inf and subspace radii rely on the convexity of the
 first-order region (seed 004 Proposition 1); the l2 radius does not.
 """
 
@@ -39,14 +40,14 @@ from smoothcert.methods.firstorder.radii import l2_radius, vertex_radius, zeroth
 from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.engine.smooth import ABSTAIN, certify
 from smoothcert.stats.bounds import clopper_pearson_lower
-from smoothcert.methods.firstorder.subspace import Subspace
+from smoothcert.methods.firstorder.subspace import Subspace, SubspaceGeometry
 from smoothcert.validation import check_alpha, check_count, check_positive
 
-__all__ = ["NORMS", "Subspace", "FirstOrderCertificate", "FirstOrderPlan", "certify_first_order"]
+__all__ = ["NORMS", "Subspace", "SubspaceGeometry", "FirstOrderCertificate", "FirstOrderPlan", "certify_first_order"]
 
 #: Threat models with first-order radii.
 NORMS: tuple[str, ...] = ("l2", "l1", "linf")
-#: Which one-sided bound of which norm each radius needs (``sub_``: in the subspace's coordinates).
+#: Which one-sided bound of which norm each radius needs (``sub_``: of the projection ``P_S grad g``).
 _NEEDS = {"l1": ("l2_lower", "linf_upper"), "linf": ("l2_lower", "l1_upper")}
 _SUB_NEEDS = {"l2": ("l2_lower", "sub_l2_upper"), "l1": ("l2_lower", "sub_linf_upper"),
               "linf": ("l2_lower", "sub_l1_upper")}
@@ -151,6 +152,7 @@ class FirstOrderCertificate:
     dim: int
     subspace_dim: int | None
     seed: int | None = None
+    subspace_geometry: SubspaceGeometry | None = field(default=None, repr=False)
 
     @property
     def abstained(self) -> bool:
@@ -161,9 +163,15 @@ class FirstOrderCertificate:
         return self.radius
 
 
-def _grad_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub: tuple | None
-                 ) -> dict[str, np.ndarray]:
-    """Normalized bounds (of ``beta = sigma grad g``) for every event of ``plan``; one array (B,) each."""
+def _grad_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub: Subspace | None,
+                 shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Normalized bounds (of ``beta = sigma grad g``) for every event of ``plan``; one array (B,) each.
+
+    Subspace bounds are of ambient norms of ``P_S beta`` (seed 004 Corollary 3.4): ``||P_S beta||_2`` from the
+    halves' coordinates in an orthonormal basis (the same number), ``||P_S beta||_inf`` and ``||P_S beta||_1``
+    from the pooled ``P_S M``, whose functionals ``e_i^T P_S z`` and ``s^T P_S z`` have the variance proxies
+    ``KAPPA max_i l_i`` and ``KAPPA max_s ||P_S s||^2`` (:class:`SubspaceGeometry`).
+    """
     (s1, s2), (n1, n2), delta = sums, plan.halves, plan.alpha_each
     out = {"l2_upper": fs.l2_upper(s1 / n1, s2 / n2, n1, n2, delta)}
     pooled = (s1 + s2) / plan.n
@@ -174,27 +182,38 @@ def _grad_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub:
     if "l1_upper" in plan.events:
         out["l1_upper"] = np.minimum(fs.l1_upper(pooled, plan.n, delta), math.sqrt(s1.shape[1]) * out["l2_upper"])
     if sub is not None:
-        t1, t2 = sub
-        dsub = t1.shape[1]
-        if "sub_l2_upper" in plan.events:
-            out["sub_l2_upper"] = np.minimum(fs.l2_upper(t1 / n1, t2 / n2, n1, n2, delta), out["l2_upper"])
-        sub_l2 = out.get("sub_l2_upper", out["l2_upper"])
-        if "sub_linf_upper" in plan.events:
-            out["sub_linf_upper"] = np.minimum(fs.linf_upper((t1 + t2) / plan.n, plan.n, delta), sub_l2)
-        if "sub_l1_upper" in plan.events:
-            out["sub_l1_upper"] = np.minimum(fs.l1_upper((t1 + t2) / plan.n, plan.n, delta), math.sqrt(dsub) * sub_l2)
+        geo = sub.geometry(shape)
+        t1, t2 = (sub.coordinates(v, shape) for v in (s1, s2))
+        out["sub_l2_upper"] = np.minimum(fs.l2_upper(t1 / n1, t2 / n2, n1, n2, delta), out["l2_upper"])
+        ambient = sub.project(pooled, shape)
+        if "sub_linf_upper" in plan.events:  # |(P_S beta)_i| <= sqrt(l_i) ||P_S beta||_2
+            out["sub_linf_upper"] = np.minimum(
+                fs.linf_upper(ambient, plan.n, delta, fs.KAPPA * geo.max_leverage),
+                math.sqrt(geo.max_leverage) * out["sub_l2_upper"])
+        if "sub_l1_upper" in plan.events:  # ||P_S beta||_1 = s^T P_S beta <= ||P_S s|| ||P_S beta||_2
+            out["sub_l1_upper"] = np.minimum(fs.l1_upper(ambient, plan.n, delta, sign_norm2=geo.sign_norm2),
+                                             math.sqrt(geo.sign_norm2) * out["sub_l2_upper"])
     return out
 
 
 def normalized_radii(q: float, bounds: dict[str, float], plan: FirstOrderPlan, dim: int,
-                     subspace_dim: int | None = None) -> dict[str, float]:
+                     subspace: SubspaceGeometry | None = None) -> dict[str, float]:
     """Zeroth- and first-order radii in units of ``sigma`` from ``q`` and the normalized gradient bounds.
 
     l2: Corollary 3.1 with ``m = l2_upper``. l1: Corollary 3.2 (``|v^T beta| <= linf_upper`` at the vertices
     ``+-e_i``). l_inf: Corollary 3.3 (vertices ``s / sqrt(d)``, ``|v^T beta| <= l1_upper / sqrt(d)``; the l_inf
-    radius is the directional one over ``sqrt(d)``). Subspace (Corollary 3.4): the same with the subspace's
-    dual-norm bounds and ``d_S``. Each first-order radius is the max with every radius implied by another on the
-    same event (an l2 ball of radius R holds the l1 ball of radius R and the l_inf ball of radius R / sqrt(d)).
+    radius is the directional one over ``sqrt(d)``). Each first-order radius is the max with every radius
+    implied by another on the same event (an l2 ball of radius R holds the l1 ball of radius R and the l_inf
+    ball of radius R / sqrt(d)).
+
+    Subspace (Corollary 3.4, Definition 1; ``subspace`` gives ``rho_p`` and the proxies): the ball
+    ``U_p(R) = {delta in S : ||delta||_p <= R}`` in the ambient l_p norm lies in
+    ``C = {||delta||_2 <= R rho_p, delta^T beta >= -R h_p}`` with ``h_p = sup_{delta in U_p(1)} beta^T delta
+    <= ||P_S beta||_{p*}`` (Hoelder, as ``delta = P_S delta``) ``<= rho_p ||P_S beta||_2``. ``C`` is the convex
+    hull of its spherical cap, the region is convex (Proposition 1) and the directional radius falls with the
+    angle to ``beta`` (Proposition 2), so ``C`` is certified once the cap's widest direction ``v`` is, at length
+    ``R rho_p``, with ``v^T beta >= -h_p / rho_p``: ``R = vertex_radius(h / rho_p) / rho_p``. With the full
+    space (any basis) or coordinates this is Corollaries 3.1-3.3 (``rho_1 = 1``, ``rho_inf = sqrt(d_S)``).
     """
     r0 = zeroth_order_radius(q)
     if q <= 0.5:
@@ -213,18 +232,17 @@ def normalized_radii(q: float, bounds: dict[str, float], plan: FirstOrderPlan, d
         out["linf_0"] = r0 / root_d
         out["linf_1"] = max(vertex_radius(q, bounds["l1_upper"] / root_d, low) / root_d, l2_1 / root_d)
     if plan.subspace:
-        root_s = math.sqrt(subspace_dim)
-        sub_l2 = l2_1
-        if "l2" in plan.norms:
-            sub_l2 = max(vertex_radius(q, bounds["sub_l2_upper"], low), l2_1)
-            out["sub_l2_0"], out["sub_l2_1"] = r0, sub_l2
-        if "l1" in plan.norms:
-            out["sub_l1_0"] = r0
-            out["sub_l1_1"] = max(vertex_radius(q, bounds["sub_linf_upper"], low), sub_l2)
-        if "linf" in plan.norms:
-            out["sub_linf_0"] = r0 / root_s
-            out["sub_linf_1"] = max(vertex_radius(q, bounds["sub_l1_upper"] / root_s, low) / root_s,
-                                    sub_l2 / root_s)
+        if subspace is None:
+            raise ValueError("a plan with a subspace needs its SubspaceGeometry")
+        sub_u2 = bounds["sub_l2_upper"]
+        sub_l2 = max(vertex_radius(q, sub_u2, low), l2_1)
+        out["sub_l2_0"], out["sub_l2_1"] = r0, sub_l2
+        for norm, dual, rho in (("l1", "sub_linf_upper", subspace.l2_per_l1),
+                                ("linf", "sub_l1_upper", subspace.l2_per_linf)):
+            if norm in plan.norms:
+                h = min(bounds[dual], rho * sub_u2)
+                out[f"sub_{norm}_0"] = r0 / rho
+                out[f"sub_{norm}_1"] = max(vertex_radius(q, h / rho, low) / rho, sub_l2 / rho, out[f"{norm}_1"])
     return out
 
 
@@ -276,20 +294,20 @@ def certify_first_order(
                     observers=[observer])
     dim = math.prod(shape)
     sub_dim = sub.dim(shape) if sub is not None else None
+    geometry = sub.geometry(shape) if sub is not None else None
     sums = observer.part_sums.cpu().numpy()
-    sums = (sums[:, 0], sums[:, 1])
-    sub_sums = tuple(sub.coordinates(s, shape) for s in sums) if sub is not None else None
-    bounds = _grad_bounds(plan, sums, sub_sums)
+    bounds = _grad_bounds(plan, (sums[:, 0], sums[:, 1]), sub, shape)
 
     out = []
     for i, c in enumerate(certs):
         q = c.p_lower
         b = {k: float(v[i]) for k, v in bounds.items()}
-        radii = {k: sigma * v for k, v in normalized_radii(q, b, plan, dim, sub_dim).items()}
+        radii = {k: sigma * v for k, v in normalized_radii(q, b, plan, dim, geometry).items()}
         out.append(FirstOrderCertificate(
             prediction=c.prediction if q > 0.5 else ABSTAIN, p_lower=q,
             gap=c.gap if q > 0.5 else float("nan"), counts=c.counts, radius=radii["l2_1"],
             radii=radii, grad_bounds={k: v / sigma for k, v in b.items()}, sigma=sigma, n0=n0, n=n,
             halves=plan.halves, alpha=plan.alpha, alpha_p=plan.alpha_p, alpha_grad=plan.alpha_grad,
-            alpha_each=plan.alpha_each, dtype=c.dtype, dim=dim, subspace_dim=sub_dim, seed=seed))
+            alpha_each=plan.alpha_each, dtype=c.dtype, dim=dim, subspace_dim=sub_dim, seed=seed,
+            subspace_geometry=geometry))
     return out

@@ -50,7 +50,7 @@ class FirstOrder(CertifyMethod):
         g.add_argument("--subspace", default=None,
                        help="first-order: also certify within a subspace: 'channel:0', 'coords:0-99,150' (indices of "
                             "the flattened input) or a .npy/.pt file with a (d, k) orthonormal basis or a (d, d) "
-                            "projection")
+                            "projection (radii are in the ambient l_p norm of the perturbation, for any basis)")
         g.add_argument("--alpha-split", type=float, default=0.5,
                        help="first-order: share of alpha spent on the p_A bound; the rest is split evenly over the "
                             "gradient-norm bounds (default 0.5)")
