@@ -19,9 +19,22 @@ The samples come in two independent halves with means ``X`` (``n1`` samples) and
   :func:`l2_upper` / :func:`l2_lower`. The paper's closed forms (Theorem 5:
   ``sqrt(X^T Y + t) / sqrt(1 + eps^2 - eps)`` and its ``t``) are printed garbled and are tighter than this
   derivation supports (to first order they use ``c / 2`` for the linear term), so they are not used.
-* l_inf and l1 (Table 1): the pooled mean ``M = (n1 X + n2 Y) / (n1 + n2)`` with
-  ``t_inf = sqrt(2 KAPPA log(2 d / delta) / n)`` (union over ``2 d`` one-sided coordinate tails) and
-  ``t_1 = sqrt(2 KAPPA d (d log 2 + log(1 / delta)) / n)`` (union over the ``2^d`` sign vectors).
+* l_inf and l1 (Table 1): the pooled mean ``M = (n1 X + n2 Y) / (n1 + n2)``.
+
+  *Upper bounds need no union.* A norm is the largest of a family of linear functionals, ``||beta|| =
+  max_a a^T beta`` (l_inf: ``a = +-e_i``; l1: ``a`` a sign vector), and the one that attains it at the true
+  ``beta``, ``a* = sign(beta_i*) e_i*`` with ``i* = argmax_i |beta_i|`` or ``a* = sign(beta)``, is fixed: it
+  depends on the classifier and ``x``, not on the samples. Since ``||M|| >= a*^T M``,
+  ``||beta|| = a*^T beta <= ||M|| + a*^T (beta - M)``, and ``a*^T (beta - M)`` is one sub-Gaussian scalar with
+  proxy ``KAPPA ||a*||^2 / n`` (Theorem 4), so Chernoff's bound for that single tail gives
+  ``P(||beta|| > ||M|| + t) <= exp(-n t^2 / (2 KAPPA ||a*||^2)) = delta`` with
+  ``t_inf = sqrt(2 KAPPA log(1 / delta) / n)`` (``||a*||^2 = 1``) and
+  ``t_1 = sqrt(2 KAPPA d log(1 / delta) / n)`` (``||a*||^2 <= d``). Table 1's unions over the ``2 d``
+  coordinate tails and the ``2^d`` sign vectors are needed only by the *lower* bounds: ``||M|| - ||beta|| <=
+  max_a a^T (M - beta)`` is attained by the functional that maximizes ``M``, which depends on the samples, so
+  its tail must hold for every ``a`` at once: ``t_inf = sqrt(2 KAPPA log(2 d / delta) / n)`` and
+  ``t_1 = sqrt(2 KAPPA d (d log 2 + log(1 / delta)) / n)``. (Coverage of the upper bounds is checked by Monte
+  Carlo in ``tests/test_firstorder_coverage.py`` on classifiers where the plug-in norm is unbiased.)
 
 Each function returns a one-sided bound that holds with probability at least ``1 - delta``; the caller
 splits its failure probability over the bounds it uses (union bound). Bounds over a subspace ``S`` (seed 004
@@ -29,7 +42,7 @@ section 4, last paragraph) are of ambient norms of ``P_S beta``: l2 from the hal
 ``Q^T Y`` in an orthonormal basis (``d = d_S``: ``Q^T (X - beta)`` is sub-Gaussian with the same proxy in
 ``R^{d_S}``); l_inf and l1 from the pooled ``P_S M``, where ``e_i^T P_S (M - beta)`` has proxy
 ``KAPPA ||P_S e_i||^2 / n`` (pass ``kappa = KAPPA max_i ||P_S e_i||^2``) and ``s^T P_S (M - beta)`` has proxy
-``KAPPA ||P_S s||^2 / n`` (pass ``sign_norm2``).
+``KAPPA ||P_S s||^2 / n`` (pass ``sign_norm2``); the fixed functional is then ``a*^T P_S``.
 """
 
 from __future__ import annotations
@@ -197,39 +210,48 @@ def _pooled(mean: ArrayLike, n: int) -> np.ndarray:
     return np.atleast_2d(np.asarray(mean, dtype=np.float64))
 
 
+def _single_tail(scale: float, n: int, delta: float, kappa: float) -> float:
+    """Chernoff tail of one fixed sub-Gaussian functional with proxy ``kappa * scale / n``: no union."""
+    return math.sqrt(2.0 * kappa * scale * -math.log(_delta(delta)) / n)
+
+
 def _t_inf(dim: int, n: int, delta: float, kappa: float) -> float:
     return math.sqrt(2.0 * kappa * (math.log(2.0 * dim) - math.log(_delta(delta))) / n)
 
 
-def _t_one(dim: int, n: int, delta: float, kappa: float, sign_norm2: float | None = None) -> float:
-    sign_norm2 = dim if sign_norm2 is None else check_positive("sign_norm2", sign_norm2)
-    return math.sqrt(2.0 * kappa * sign_norm2 * (dim * math.log(2.0) - math.log(_delta(delta))) / n)
+def _t_one(dim: int, n: int, delta: float, kappa: float) -> float:
+    return math.sqrt(2.0 * kappa * dim * (dim * math.log(2.0) - math.log(_delta(delta))) / n)
 
 
 def linf_upper(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA) -> np.ndarray:
-    """``P(||beta||_inf <= ||M||_inf + t_inf) >= 1 - delta`` for the pooled mean ``M`` of ``n`` samples (Table 1)."""
+    """``P(||beta||_inf <= ||M||_inf + sqrt(2 kappa log(1 / delta) / n)) >= 1 - delta`` for the pooled mean ``M``
+    of ``n`` samples: the tail of the one functional ``+-e_i*`` that attains ``||beta||_inf`` (module docstring;
+    Table 1 without its union over the ``2 d`` coordinates, which an upper bound does not need)."""
     m = _pooled(mean, n)
-    return np.abs(m).max(axis=1) + _t_inf(m.shape[1], n, delta, kappa)
+    return np.abs(m).max(axis=1) + _single_tail(1.0, n, delta, kappa)
 
 
 def linf_lower(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA) -> np.ndarray:
-    """``P(||beta||_inf >= ||M||_inf - t_inf) >= 1 - delta`` (Table 1), floored at 0."""
+    """``P(||beta||_inf >= ||M||_inf - t_inf) >= 1 - delta`` (Table 1, union over ``2 d`` tails), floored at 0."""
     m = _pooled(mean, n)
     return np.maximum(np.abs(m).max(axis=1) - _t_inf(m.shape[1], n, delta, kappa), 0.0)
 
 
 def l1_upper(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA, *,
              sign_norm2: float | None = None) -> np.ndarray:
-    """``P(||beta||_1 <= ||M||_1 + t_1) >= 1 - delta`` for the pooled mean ``M`` of ``n`` samples (Table 1).
+    """``P(||beta||_1 <= ||M||_1 + sqrt(2 kappa S log(1 / delta) / n)) >= 1 - delta`` for the pooled mean ``M`` of
+    ``n`` samples: the tail of the one functional ``sign(beta)`` that attains ``||beta||_1`` (module docstring;
+    Table 1 without its union over the ``2^d`` sign vectors, which an upper bound does not need).
 
-    ``sign_norm2`` bounds ``||P s||^2`` over sign vectors ``s`` when ``M = P Z`` is a projection (default: the
+    ``S = sign_norm2`` bounds ``||P s||^2`` over sign vectors ``s`` when ``M = P Z`` is a projection (default: the
     dimension, ``||s||^2``): the variance-proxy factor of ``s^T M``.
     """
     m = _pooled(mean, n)
-    return np.abs(m).sum(axis=1) + _t_one(m.shape[1], n, delta, kappa, sign_norm2)
+    scale = m.shape[1] if sign_norm2 is None else check_positive("sign_norm2", sign_norm2)
+    return np.abs(m).sum(axis=1) + _single_tail(scale, n, delta, kappa)
 
 
 def l1_lower(mean: ArrayLike, n: int, delta: float, kappa: float = KAPPA) -> np.ndarray:
-    """``P(||beta||_1 >= ||M||_1 - t_1) >= 1 - delta`` (Table 1), floored at 0."""
+    """``P(||beta||_1 >= ||M||_1 - t_1) >= 1 - delta`` (Table 1, union over ``2^d`` sign vectors), floored at 0."""
     m = _pooled(mean, n)
     return np.maximum(np.abs(m).sum(axis=1) - _t_one(m.shape[1], n, delta, kappa), 0.0)
