@@ -128,9 +128,11 @@ class FirstOrderCertificate:
     """What first-order CERTIFY established for one input.
 
     ``radii`` (input units) has ``"{norm}_0"`` (zeroth order, from the same ``p_lower``) and ``"{norm}_1"``
-    (first order) for each certified norm, and ``"sub_{norm}_{0,1}"`` with a subspace; ``radius`` is
-    ``radii["l2_1"]``. ``grad_bounds`` are the bounds of ``||grad g(x)||`` (input units, i.e. per unit of
-    input) that were used: ``l2_upper``, ``l2_lower``, ``linf_upper``, ``l1_upper``, ``sub_*_upper``.
+    (first order) for each certified norm, and ``"sub_{norm}_{0,1}"`` with a subspace (ambient norms of the
+    perturbation); ``radius`` is ``radii["l2_1"]``. ``grad_bounds`` are the bounds of ``||grad g(x)||`` (input
+    units, i.e. per unit of input) that were used: ``l2_upper``, ``l2_lower``, ``linf_upper``, ``l1_upper``, and
+    ``sub_*_upper`` of the ambient norms of ``P_S grad g(x)``; ``subspace_geometry`` holds the subspace's
+    constants (:class:`SubspaceGeometry`).
     """
 
     prediction: int
@@ -164,7 +166,7 @@ class FirstOrderCertificate:
 
 
 def _grad_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub: Subspace | None,
-                 shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+                 geo: SubspaceGeometry | None, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Normalized bounds (of ``beta = sigma grad g``) for every event of ``plan``; one array (B,) each.
 
     Subspace bounds are of ambient norms of ``P_S beta`` (seed 004 Corollary 3.4): ``||P_S beta||_2`` from the
@@ -182,7 +184,6 @@ def _grad_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub:
     if "l1_upper" in plan.events:
         out["l1_upper"] = np.minimum(fs.l1_upper(pooled, plan.n, delta), math.sqrt(s1.shape[1]) * out["l2_upper"])
     if sub is not None:
-        geo = sub.geometry(shape)
         t1, t2 = (sub.coordinates(v, shape) for v in (s1, s2))
         out["sub_l2_upper"] = np.minimum(fs.l2_upper(t1 / n1, t2 / n2, n1, n2, delta), out["l2_upper"])
         ambient = sub.project(pooled, shape)
@@ -296,7 +297,7 @@ def certify_first_order(
     sub_dim = sub.dim(shape) if sub is not None else None
     geometry = sub.geometry(shape) if sub is not None else None
     sums = observer.part_sums.cpu().numpy()
-    bounds = _grad_bounds(plan, (sums[:, 0], sums[:, 1]), sub, shape)
+    bounds = _grad_bounds(plan, (sums[:, 0], sums[:, 1]), sub, geometry, shape)
 
     out = []
     for i, c in enumerate(certs):
