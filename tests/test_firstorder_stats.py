@@ -115,11 +115,16 @@ def test_l2_bounds_solve_their_quadratics():
 
 
 def test_table_1_constants():
+    """Lower bounds: Table 1 (unions over 2 d coordinates and 2^d sign vectors); upper bounds: one fixed tail."""
     m = np.array([[0.1, -0.3, 0.2]])
     n, delta, k = 500, 0.01, fs.KAPPA
-    assert fs.linf_upper(m, n, delta)[0] == pytest.approx(0.3 + math.sqrt(2 * k * (math.log(6) - math.log(delta)) / n))
+    assert fs.linf_upper(m, n, delta)[0] == pytest.approx(0.3 + math.sqrt(2 * k * math.log(1 / delta) / n))
+    assert fs.linf_lower(m, n, delta)[0] == pytest.approx(
+        max(0.3 - math.sqrt(2 * k * (math.log(6) - math.log(delta)) / n), 0))
+    assert fs.l1_upper(m, n, delta)[0] == pytest.approx(0.6 + math.sqrt(2 * k * 3 * math.log(1 / delta) / n))
+    assert fs.l1_upper(m, n, delta, sign_norm2=1.5)[0] == pytest.approx(
+        0.6 + math.sqrt(2 * k * 1.5 * math.log(1 / delta) / n))
     t1 = math.sqrt(2 * k * 3 * (3 * math.log(2) - math.log(delta)) / n)
-    assert fs.l1_upper(m, n, delta)[0] == pytest.approx(0.6 + t1)
     assert fs.l1_lower(m, n, delta)[0] == pytest.approx(max(0.6 - t1, 0))
 
 
@@ -136,7 +141,7 @@ def test_observer_sums_match_the_per_sample_formula():
     x = torch.rand(3, 2, 3)
     sigma = 0.4
     classes = torch.tensor([0, 1, 2])
-    obs = fs.GradientObserver(classes, sigma, 6)
+    obs = fs.GradientObserver(sigma, classes=classes)
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     counts = sample_counts(model, x, IsotropicGaussian(sigma), 50, 3, batch_size=60, block=20, generators=gens,
                            observers=[obs])

@@ -25,7 +25,7 @@ import torch
 from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.noise.base import Noise
 from smoothcert.geometry.regions import Region
-from smoothcert.engine.sampling import DTYPES, sample_counts
+from smoothcert.engine.sampling import DTYPES, Observer, sample_counts
 from smoothcert.stats.bounds import binomial_pvalue, clopper_pearson_lower
 from smoothcert.validation import check_alpha, check_count, check_inputs, check_num_classes, check_sample_sizes
 
@@ -80,16 +80,29 @@ def _validate(model, x, num_classes, alpha, batch_size, dtype, range_policy):
     check_inputs(x, range_policy=range_policy)
 
 
-def _streams(generators, x, n_streams):
-    """Per-input generators: ``None``, a list of per-input generators, or per-input tuples of streams."""
+def _streams(generators, x, n_streams, *, more=False):
+    """Per-input generators: ``None``, a list of per-input generators, or per-input tuples of streams.
+
+    With ``more``, tuples may hold more than ``n_streams`` streams (all of one length): all are returned.
+    """
     if generators is None:
         return [[None] * x.shape[0] for _ in range(n_streams)]
     gens = list(generators)
     if len(gens) != x.shape[0]:
         raise ValueError(f"got {len(gens)} generators for {x.shape[0]} inputs")
     if all(isinstance(g, (tuple, list)) for g in gens):
-        return [[g[k] for g in gens] for k in range(n_streams)]
+        width = len(gens[0]) if more else n_streams
+        if any(len(g) < n_streams or (more and len(g) != width) for g in gens):
+            lengths = sorted({len(g) for g in gens})
+            raise ValueError(f"each input needs a tuple of at least {n_streams} streams"
+                             + (", all of one length" if more else "") + f", got lengths {lengths}")
+        return [[g[k] for g in gens] for k in range(width)]
     return [gens] * n_streams
+
+
+def _part_sizes(n: int, parts: int) -> list[int]:
+    """``n`` samples in ``parts`` consecutive parts of sizes ``floor(n j / parts) - floor(n (j - 1) / parts)``."""
+    return [n * (j + 1) // parts - n * j // parts for j in range(parts)]
 
 
 def certify(
@@ -107,20 +120,39 @@ def certify(
     dtype: torch.dtype = torch.float32,
     seed: int | None = None,
     range_policy: str = "warn",
+    observers: Sequence[Observer] = (),
 ) -> list[Certificate]:
     """CERTIFY a batch ``x`` of shape ``(B, *input_shape)``; one :class:`Certificate` per input.
 
     ``generators``: per input either one generator (selection then estimation draw from it in turn, so the
-    samples are fresh) or a pair ``(selection, estimation)`` of independent streams.
+    samples are fresh), a pair ``(selection, estimation)`` of independent streams, or a tuple
+    ``(selection, estimation_1, ..., estimation_k)``: the ``n`` estimation samples are then drawn in ``k``
+    consecutive parts of ``floor(n j / k) - floor(n (j - 1) / k)`` samples, part ``j`` from stream ``j``.
+
+    ``observers`` watch the estimation samples only (never the selection samples): each is called on every
+    estimation block as ``observer(rows, noise, predictions)`` (:data:`~smoothcert.engine.sampling.Observer`),
+    in sample order, part after part; an observer with a ``begin(classes)`` method is first given the selected
+    class of every input (an int64 tensor (B,)). What they accumulate is read from the observer objects.
     """
     _validate(model, x, num_classes, alpha, batch_size, dtype, range_policy)
     check_sample_sizes(n0, n)
+    observers = list(observers)
+    if not all(callable(o) for o in observers):
+        raise TypeError("observers must be callables observer(rows, noise, predictions)")
     noises = [noise] * x.shape[0] if isinstance(noise, Noise) else list(noise)
-    select, estimate = _streams(generators, x, 2)
+    select, *estimate = _streams(generators, x, 2, more=True)
     kw = dict(batch_size=batch_size, block=block, dtype=dtype)
     selection = sample_counts(model, x, noises, n0, num_classes, generators=select, **kw)
     top = selection.argmax(dim=1)
-    counts = sample_counts(model, x, noises, n, num_classes, generators=estimate, **kw).cpu().numpy()
+    for observer in observers:
+        if hasattr(observer, "begin"):
+            observer.begin(top)
+    counts = 0
+    for part, size in zip(estimate, _part_sizes(n, len(estimate))):
+        if size:
+            counts = counts + sample_counts(model, x, noises, size, num_classes, generators=part,
+                                            observers=observers, **kw)
+    counts = counts.cpu().numpy()
     top = top.cpu().numpy()
     n_a = counts[np.arange(len(top)), top]
     p_lower = np.atleast_1d(clopper_pearson_lower(n_a, np.full_like(n_a, n), alpha))

@@ -1,23 +1,28 @@
 """First-order ("higher-order") certificates for Gaussian smoothing (seed 004): same noise as Cohen, more from
 the same samples.
 
-Protocol (:func:`certify_first_order`), per input, with ``N(0, sigma^2 I)`` noise:
+Protocol (:func:`certify_first_order`): Cohen's CERTIFY plus an observer and a radius step. Per input, with
+``N(0, sigma^2 I)`` noise:
 
-1. ``n0`` selection samples choose ``c_A`` (independent of everything below).
-2. ``n`` fresh samples in two independent halves (``n1 = n // 2``, ``n2 = n - n1``) give the class counts and,
-   through a :class:`~smoothcert.firstorder_stats.GradientObserver`, the sums of ``u (1[f(x + sigma u) = c_A] -
-   1/2)`` per half (nothing per sample is kept).
-3. The failure probability is split (union bound): ``alpha_p = alpha_split * alpha`` for the Clopper-Pearson
-   bound ``q`` of ``p_A`` (all ``n`` counts), and ``alpha_grad = alpha - alpha_p`` evenly over the gradient-norm
-   bounds the requested radii need (:mod:`smoothcert.firstorder_stats`: Theorem 4, 5, Table 1).
-4. Radii (:mod:`smoothcert.firstorder_radii`: Theorem 3, Corollaries 3.1-3.4), zeroth- and first-order side by
-   side, in input units (``sigma`` times the normalized radius). Every first-order radius is the largest of all
-   radii that hold on the same event, so it is never below the zeroth-order one from the same ``q``.
+1. The plan (:class:`FirstOrderPlan`, recorded in every certificate) splits the failure probability (union
+   bound): ``alpha_p = alpha_split * alpha`` for the Clopper-Pearson bound ``q`` of ``p_A``, and
+   ``alpha_grad = alpha - alpha_p`` evenly over the gradient-norm bounds the requested radii need.
+2. :func:`smoothcert.engine.smooth.certify` at level ``alpha_p``: ``n0`` selection samples choose ``c_A``; the
+   ``n`` fresh estimation samples, in two independent halves (``n1 = n // 2``, ``n2 = n - n1``, one stream
+   each), give the class counts, ``q``, and, through a :class:`~smoothcert.stats.gradients.GradientObserver`
+   on the estimation samples only, the sums of ``u (1[f(x + sigma u) = c_A] - 1/2)`` per half (nothing per
+   sample is kept).
+3. Gradient-norm bounds from those sums (:mod:`smoothcert.stats.gradients`: Theorem 4, 5, Table 1), then the
+   radii (:mod:`smoothcert.methods.firstorder.radii`: Theorem 3, Corollaries 3.1-3.4), zeroth- and first-order
+   side by side, in input units (``sigma`` times the normalized radius). Every first-order radius is the
+   largest of all radii that hold on the same event, so it is never below the zeroth-order one from the same
+   ``q``.
 
 Guarantee: with probability at least ``1 - alpha`` every reported radius is certified at once: the smoothed
 classifier predicts ``c_A`` on the l2 ball of radius ``radii["l2_1"]``, the l1 ball ``radii["l1_1"]``, the
-l_inf ball ``radii["linf_1"]`` and, within the subspace, the corresponding balls (l_p norms of the subspace
-coordinates in its orthonormal basis). The l1, l_inf and subspace radii rely on the convexity of the
+l_inf ball ``radii["linf_1"]`` and, within the subspace ``S``, the corresponding balls
+``{delta in S : ||delta||_p <= radii["sub_lp_1"]}`` in the ambient norm of the perturbation (seed 004
+Definition 1), the same for every basis that describes ``S``. The l1, l_inf and subspace radii rely on the convexity of the
 first-order region (seed 004 Proposition 1); the l2 radius does not.
 """
 
@@ -33,17 +38,16 @@ import torch
 import smoothcert.stats.gradients as fs
 from smoothcert.methods.firstorder.radii import l2_radius, vertex_radius, zeroth_order_radius
 from smoothcert.noise.gaussian import IsotropicGaussian
-from smoothcert.engine.sampling import sample_counts
-from smoothcert.engine.smooth import ABSTAIN, dtype_name
-from smoothcert.stats.bounds import clopper_pearson_lower, gap as normal_gap
-from smoothcert.methods.firstorder.subspace import Subspace
-from smoothcert.validation import (check_alpha, check_count, check_inputs, check_num_classes, check_positive, check_sample_sizes)
+from smoothcert.engine.smooth import ABSTAIN, certify
+from smoothcert.stats.bounds import clopper_pearson_lower
+from smoothcert.methods.firstorder.subspace import Subspace, SubspaceGeometry
+from smoothcert.validation import check_alpha, check_count, check_positive
 
-__all__ = ["NORMS", "Subspace", "FirstOrderCertificate", "FirstOrderPlan", "certify_first_order"]
+__all__ = ["NORMS", "Subspace", "SubspaceGeometry", "FirstOrderCertificate", "FirstOrderPlan", "certify_first_order"]
 
 #: Threat models with first-order radii.
 NORMS: tuple[str, ...] = ("l2", "l1", "linf")
-#: Which one-sided bound of which norm each radius needs (``sub_``: in the subspace's coordinates).
+#: Which one-sided bound of which norm each radius needs (``sub_``: of the projection ``P_S grad g``).
 _NEEDS = {"l1": ("l2_lower", "linf_upper"), "linf": ("l2_lower", "l1_upper")}
 _SUB_NEEDS = {"l2": ("l2_lower", "sub_l2_upper"), "l1": ("l2_lower", "sub_linf_upper"),
               "linf": ("l2_lower", "sub_l1_upper")}
@@ -124,9 +128,11 @@ class FirstOrderCertificate:
     """What first-order CERTIFY established for one input.
 
     ``radii`` (input units) has ``"{norm}_0"`` (zeroth order, from the same ``p_lower``) and ``"{norm}_1"``
-    (first order) for each certified norm, and ``"sub_{norm}_{0,1}"`` with a subspace; ``radius`` is
-    ``radii["l2_1"]``. ``grad_bounds`` are the bounds of ``||grad g(x)||`` (input units, i.e. per unit of
-    input) that were used: ``l2_upper``, ``l2_lower``, ``linf_upper``, ``l1_upper``, ``sub_*_upper``.
+    (first order) for each certified norm, and ``"sub_{norm}_{0,1}"`` with a subspace (ambient norms of the
+    perturbation); ``radius`` is ``radii["l2_1"]``. ``grad_bounds`` are the bounds of ``||grad g(x)||`` (input
+    units, i.e. per unit of input) that were used: ``l2_upper``, ``l2_lower``, ``linf_upper``, ``l1_upper``, and
+    ``sub_*_upper`` of the ambient norms of ``P_S grad g(x)``; ``subspace_geometry`` holds the subspace's
+    constants (:class:`SubspaceGeometry`).
     """
 
     prediction: int
@@ -148,6 +154,7 @@ class FirstOrderCertificate:
     dim: int
     subspace_dim: int | None
     seed: int | None = None
+    subspace_geometry: SubspaceGeometry | None = field(default=None, repr=False)
 
     @property
     def abstained(self) -> bool:
@@ -158,9 +165,15 @@ class FirstOrderCertificate:
         return self.radius
 
 
-def _grad_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub: tuple | None
-                 ) -> dict[str, np.ndarray]:
-    """Normalized bounds (of ``beta = sigma grad g``) for every event of ``plan``; one array (B,) each."""
+def _grad_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub: Subspace | None,
+                 geo: SubspaceGeometry | None, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Normalized bounds (of ``beta = sigma grad g``) for every event of ``plan``; one array (B,) each.
+
+    Subspace bounds are of ambient norms of ``P_S beta`` (seed 004 Corollary 3.4): ``||P_S beta||_2`` from the
+    halves' coordinates in an orthonormal basis (the same number), ``||P_S beta||_inf`` and ``||P_S beta||_1``
+    from the pooled ``P_S M``, whose functionals ``e_i^T P_S z`` and ``s^T P_S z`` have the variance proxies
+    ``KAPPA max_i l_i`` and ``KAPPA max_s ||P_S s||^2`` (:class:`SubspaceGeometry`).
+    """
     (s1, s2), (n1, n2), delta = sums, plan.halves, plan.alpha_each
     out = {"l2_upper": fs.l2_upper(s1 / n1, s2 / n2, n1, n2, delta)}
     pooled = (s1 + s2) / plan.n
@@ -171,27 +184,37 @@ def _grad_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub:
     if "l1_upper" in plan.events:
         out["l1_upper"] = np.minimum(fs.l1_upper(pooled, plan.n, delta), math.sqrt(s1.shape[1]) * out["l2_upper"])
     if sub is not None:
-        t1, t2 = sub
-        dsub = t1.shape[1]
-        if "sub_l2_upper" in plan.events:
-            out["sub_l2_upper"] = np.minimum(fs.l2_upper(t1 / n1, t2 / n2, n1, n2, delta), out["l2_upper"])
-        sub_l2 = out.get("sub_l2_upper", out["l2_upper"])
-        if "sub_linf_upper" in plan.events:
-            out["sub_linf_upper"] = np.minimum(fs.linf_upper((t1 + t2) / plan.n, plan.n, delta), sub_l2)
-        if "sub_l1_upper" in plan.events:
-            out["sub_l1_upper"] = np.minimum(fs.l1_upper((t1 + t2) / plan.n, plan.n, delta), math.sqrt(dsub) * sub_l2)
+        t1, t2 = (sub.coordinates(v, shape) for v in (s1, s2))
+        out["sub_l2_upper"] = np.minimum(fs.l2_upper(t1 / n1, t2 / n2, n1, n2, delta), out["l2_upper"])
+        ambient = sub.project(pooled, shape)
+        if "sub_linf_upper" in plan.events:  # |(P_S beta)_i| <= sqrt(l_i) ||P_S beta||_2
+            out["sub_linf_upper"] = np.minimum(
+                fs.linf_upper(ambient, plan.n, delta, fs.KAPPA * geo.max_leverage),
+                math.sqrt(geo.max_leverage) * out["sub_l2_upper"])
+        if "sub_l1_upper" in plan.events:  # ||P_S beta||_1 = s^T P_S beta <= ||P_S s|| ||P_S beta||_2
+            out["sub_l1_upper"] = np.minimum(fs.l1_upper(ambient, plan.n, delta, sign_norm2=geo.sign_norm2),
+                                             math.sqrt(geo.sign_norm2) * out["sub_l2_upper"])
     return out
 
 
 def normalized_radii(q: float, bounds: dict[str, float], plan: FirstOrderPlan, dim: int,
-                     subspace_dim: int | None = None) -> dict[str, float]:
+                     subspace: SubspaceGeometry | None = None) -> dict[str, float]:
     """Zeroth- and first-order radii in units of ``sigma`` from ``q`` and the normalized gradient bounds.
 
     l2: Corollary 3.1 with ``m = l2_upper``. l1: Corollary 3.2 (``|v^T beta| <= linf_upper`` at the vertices
     ``+-e_i``). l_inf: Corollary 3.3 (vertices ``s / sqrt(d)``, ``|v^T beta| <= l1_upper / sqrt(d)``; the l_inf
-    radius is the directional one over ``sqrt(d)``). Subspace (Corollary 3.4): the same with the subspace's
-    dual-norm bounds and ``d_S``. Each first-order radius is the max with every radius implied by another on the
-    same event (an l2 ball of radius R holds the l1 ball of radius R and the l_inf ball of radius R / sqrt(d)).
+    radius is the directional one over ``sqrt(d)``). Each first-order radius is the max with every radius
+    implied by another on the same event (an l2 ball of radius R holds the l1 ball of radius R and the l_inf
+    ball of radius R / sqrt(d)).
+
+    Subspace (Corollary 3.4, Definition 1; ``subspace`` gives ``rho_p`` and the proxies): the ball
+    ``U_p(R) = {delta in S : ||delta||_p <= R}`` in the ambient l_p norm lies in
+    ``C = {||delta||_2 <= R rho_p, delta^T beta >= -R h_p}`` with ``h_p = sup_{delta in U_p(1)} beta^T delta
+    <= ||P_S beta||_{p*}`` (Hoelder, as ``delta = P_S delta``) ``<= rho_p ||P_S beta||_2``. ``C`` is the convex
+    hull of its spherical cap, the region is convex (Proposition 1) and the directional radius falls with the
+    angle to ``beta`` (Proposition 2), so ``C`` is certified once the cap's widest direction ``v`` is, at length
+    ``R rho_p``, with ``v^T beta >= -h_p / rho_p``: ``R = vertex_radius(h / rho_p) / rho_p``. With the full
+    space (any basis) or coordinates this is Corollaries 3.1-3.3 (``rho_1 = 1``, ``rho_inf = sqrt(d_S)``).
     """
     r0 = zeroth_order_radius(q)
     if q <= 0.5:
@@ -210,19 +233,23 @@ def normalized_radii(q: float, bounds: dict[str, float], plan: FirstOrderPlan, d
         out["linf_0"] = r0 / root_d
         out["linf_1"] = max(vertex_radius(q, bounds["l1_upper"] / root_d, low) / root_d, l2_1 / root_d)
     if plan.subspace:
-        root_s = math.sqrt(subspace_dim)
-        sub_l2 = l2_1
-        if "l2" in plan.norms:
-            sub_l2 = max(vertex_radius(q, bounds["sub_l2_upper"], low), l2_1)
-            out["sub_l2_0"], out["sub_l2_1"] = r0, sub_l2
-        if "l1" in plan.norms:
-            out["sub_l1_0"] = r0
-            out["sub_l1_1"] = max(vertex_radius(q, bounds["sub_linf_upper"], low), sub_l2)
-        if "linf" in plan.norms:
-            out["sub_linf_0"] = r0 / root_s
-            out["sub_linf_1"] = max(vertex_radius(q, bounds["sub_l1_upper"] / root_s, low) / root_s,
-                                    sub_l2 / root_s)
+        if subspace is None:
+            raise ValueError("a plan with a subspace needs its SubspaceGeometry")
+        sub_u2 = bounds["sub_l2_upper"]
+        sub_l2 = max(vertex_radius(q, sub_u2, low), l2_1)
+        out["sub_l2_0"], out["sub_l2_1"] = r0, sub_l2
+        for norm, dual, rho in (("l1", "sub_linf_upper", subspace.l2_per_l1),
+                                ("linf", "sub_l1_upper", subspace.l2_per_linf)):
+            if norm in plan.norms:
+                h = min(bounds[dual], rho * sub_u2)
+                out[f"sub_{norm}_0"] = r0 / rho
+                out[f"sub_{norm}_1"] = max(vertex_radius(q, h / rho, low) / rho, sub_l2 / rho, out[f"{norm}_1"])
     return out
+
+
+def _input_shape(x) -> tuple[int, ...] | None:
+    """The shape of one input, when ``x`` is a batch tensor (else :func:`certify` rejects it before sampling)."""
+    return tuple(x.shape[1:]) if isinstance(x, torch.Tensor) and x.ndim >= 2 else None
 
 
 def certify_first_order(
@@ -246,57 +273,42 @@ def certify_first_order(
 ) -> list[FirstOrderCertificate]:
     """First-order CERTIFY for a batch ``x`` (B, *shape) under ``N(0, sigma^2 I)``; one certificate per input.
 
-    ``generators``: per input a triple ``(selection, first half, second half)`` of independent streams (or
-    ``None`` for torch's global generator). See the module docstring for the protocol and the guarantee.
-    Raises ValueError before sampling on a bad budget, norm or subspace.
+    Cohen's CERTIFY (:func:`smoothcert.engine.smooth.certify` at level ``alpha_p``) with a
+    :class:`~smoothcert.stats.gradients.GradientObserver` on its estimation samples, then the gradient bounds
+    and the radii. ``generators``: per input a triple ``(selection, first half, second half)`` of independent
+    streams (or ``None`` for torch's global generator). See the module docstring for the protocol and the
+    guarantee. Raises ValueError before sampling on a bad budget, norm or subspace.
     """
-    if not callable(model):
-        raise TypeError("the base classifier must be callable (an nn.Module or a function of a batch)")
-    check_num_classes(num_classes)
-    check_count("batch_size", batch_size)
-    dtype_name(dtype)
-    check_inputs(x, range_policy=range_policy)
-    check_sample_sizes(n0, n)
     sigma = check_positive("sigma (noise level, in input units where pixels lie in [0, 1])", sigma)
     sub = Subspace(subspace) if subspace is not None and not isinstance(subspace, Subspace) else subspace
     plan = FirstOrderPlan.make(alpha, n, norms, sub is not None, alpha_split)
-    shape = tuple(x.shape[1:])
+    shape = _input_shape(x)
+    if sub is not None and shape is not None:
+        sub.dim(shape)  # a subspace that does not fit the inputs is rejected before sampling
+    if generators is None and shape is not None:
+        generators = [(None, None, None)] * x.shape[0]  # torch's global generator, three parts in turn
+    elif generators is not None and not all(isinstance(g, (tuple, list)) and len(g) == 3 for g in generators):
+        raise ValueError("generators must hold one (selection, half 1, half 2) triple per input")
+    observer = fs.GradientObserver(sigma, parts=plan.halves)
+    certs = certify(model, x, IsotropicGaussian(sigma), num_classes, n0, n, plan.alpha_p, batch_size=batch_size,
+                    block=block, generators=generators, dtype=dtype, seed=seed, range_policy=range_policy,
+                    observers=[observer])
     dim = math.prod(shape)
     sub_dim = sub.dim(shape) if sub is not None else None
-    total = x.shape[0]
-    if generators is None:
-        streams = [[None] * total for _ in range(3)]
-    else:
-        gens = list(generators)
-        if len(gens) != total or not all(isinstance(g, (tuple, list)) and len(g) == 3 for g in gens):
-            raise ValueError(f"generators must hold one (selection, half 1, half 2) triple per input ({total})")
-        streams = [[g[k] for g in gens] for k in range(3)]
-
-    noise = IsotropicGaussian(sigma)
-    kw = dict(batch_size=batch_size, block=block, dtype=dtype)
-    top = sample_counts(model, x, noise, n0, num_classes, generators=streams[0], **kw).argmax(dim=1)
-    counts, sums = 0, []
-    for half, size in zip(streams[1:], plan.halves):
-        observer = fs.GradientObserver(top, sigma, dim)
-        counts = counts + sample_counts(model, x, noise, size, num_classes, generators=half,
-                                        observers=[observer], **kw)
-        sums.append(observer.sums.cpu().numpy())
-    counts = counts.cpu().numpy()
-    top = top.cpu().numpy()
-    n_a = counts[np.arange(total), top]
-    p_lower = np.atleast_1d(clopper_pearson_lower(n_a, np.full_like(n_a, n), plan.alpha_p))
-    sub_sums = tuple(sub.coordinates(s, shape) for s in sums) if sub is not None else None
-    bounds = _grad_bounds(plan, (sums[0], sums[1]), sub_sums)
+    geometry = sub.geometry(shape) if sub is not None else None
+    sums = observer.part_sums.cpu().numpy()
+    bounds = _grad_bounds(plan, (sums[:, 0], sums[:, 1]), sub, geometry, shape)
 
     out = []
-    for i in range(total):
-        q = float(p_lower[i])
+    for i, c in enumerate(certs):
+        q = c.p_lower
         b = {k: float(v[i]) for k, v in bounds.items()}
-        radii = {k: sigma * v for k, v in normalized_radii(q, b, plan, dim, sub_dim).items()}
+        radii = {k: sigma * v for k, v in normalized_radii(q, b, plan, dim, geometry).items()}
         out.append(FirstOrderCertificate(
-            prediction=int(top[i]) if q > 0.5 else ABSTAIN, p_lower=q,
-            gap=float(normal_gap(q)) if q > 0.5 else float("nan"), counts=counts[i], radius=radii["l2_1"],
+            prediction=c.prediction if q > 0.5 else ABSTAIN, p_lower=q,
+            gap=c.gap if q > 0.5 else float("nan"), counts=c.counts, radius=radii["l2_1"],
             radii=radii, grad_bounds={k: v / sigma for k, v in b.items()}, sigma=sigma, n0=n0, n=n,
             halves=plan.halves, alpha=plan.alpha, alpha_p=plan.alpha_p, alpha_grad=plan.alpha_grad,
-            alpha_each=plan.alpha_each, dtype=dtype_name(dtype), dim=dim, subspace_dim=sub_dim, seed=seed))
+            alpha_each=plan.alpha_each, dtype=c.dtype, dim=dim, subspace_dim=sub_dim, seed=seed,
+            subspace_geometry=geometry))
     return out

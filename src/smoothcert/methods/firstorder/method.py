@@ -35,7 +35,8 @@ class FirstOrderSettings(Settings):
                                    "always; each extra norm needs more gradient bounds, which share alpha)")
     subspace: str | None = text(None, optional=True, help="also certify within a subspace: 'channel:0', "
                                 "'coords:0-99,150' (indices of the flattened input) or a .npy/.pt file with a "
-                                "(d, k) orthonormal basis or a (d, d) projection")
+                                "(d, k) orthonormal basis or a (d, d) projection; radii are in the ambient l_p norm of "
+                                "the perturbation, for any basis")
     alpha_split: float = number(0.5, low=0.0, high=1.0, low_open=True, high_open=True,
                                 help="share of alpha spent on the p_A bound; the rest is split evenly over the "
                                      "gradient-norm bounds")

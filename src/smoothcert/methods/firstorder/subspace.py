@@ -1,16 +1,76 @@
-"""Subspaces of the input space for first-order subspace certificates (seed 004 Corollary 3.4, Definition 1)."""
+"""Subspaces of the input space for first-order subspace certificates (seed 004 Corollary 3.4, Definition 1).
+
+A subspace radius is measured in the ambient norm of the perturbation (Definition 1): the l_p ball of ``S`` is
+``U_p(R) = {delta in S : ||delta||_p <= R}``, whatever basis describes ``S``. For l2 the ambient norm of
+``delta = Q c`` (orthonormal ``Q``) is ``||c||_2``; for l1 and l_inf it is not, and the radius step needs two
+basis-independent quantities of ``S`` (:class:`SubspaceGeometry`), both functions of the leverage scores
+``l_i = ||P_S e_i||_2^2 = (P_S)_ii``:
+
+* ``rho_p = max {||delta||_2 : delta in U_p(1)}``, the longest l2 length of the section (upper bounds);
+* the proxies of the gradient functionals the estimator bounds: ``max_i ||P_S e_i||^2`` for the coordinates
+  of ``P_S beta`` and ``max_s ||P_S s||^2`` over sign vectors ``s`` for its l1 norm.
+"""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["Subspace"]
+__all__ = ["Subspace", "SubspaceGeometry"]
+
+#: Relative inflation of constants computed from floating-point leverage scores (errs toward a smaller region).
+_ROUNDING = 1.0 + 1e-9
+
+
+@dataclass(frozen=True)
+class SubspaceGeometry:
+    """Constants of a subspace ``S`` (dimension ``dim``) of ``R^d`` for the first-order radius step; each is the
+    exact value or an upper bound, which only shrinks the certified radii.
+
+    ``l2_per_l1`` / ``l2_per_linf``: ``rho_p = max ||delta||_2`` over ``delta in S`` with ``||delta||_p <= 1``.
+    With ``delta = P_S delta``, ``|delta_i| = |(P_S e_i)^T delta| <= sqrt(l_i) ||delta||_2``; hence
+    ``||delta||_2^2 <= ||delta||_1 ||delta||_inf`` gives ``rho_1 <= sqrt(max_i l_i)``, and
+    ``||delta||_2^2 <= sum_i min(1, l_i ||delta||_2^2)`` (for ``||delta||_inf <= 1``) gives ``rho_inf^2 <= s*``,
+    the largest ``s`` with ``s <= sum_i min(1, l_i s) = min_j (j + s T_j)`` (leverages sorted in decreasing
+    order, ``T_j`` the sum of all but the ``j`` largest), i.e. ``s* = min {j / (1 - T_j) : T_j < 1}``; also
+    ``rho_inf^2 <= sign_norm2``. Coordinate subspaces: ``rho_1 = 1``, ``rho_inf = sqrt(dim)``.
+
+    ``max_leverage = max_i ||P_S e_i||_2^2`` and ``sign_norm2 >= max ||P_S s||_2^2`` over ``s in [-1, 1]^d``
+    (``||Q^T s|| <= sqrt(j) + sum of the other sqrt(l_i)`` for the ``j`` largest leverages, minimized over ``j``):
+    the variance-proxy factors of ``e_i^T P_S z`` and ``s^T P_S z`` (:mod:`smoothcert.stats.gradients`).
+    """
+
+    dim: int
+    max_leverage: float
+    sign_norm2: float
+    l2_per_l1: float
+    l2_per_linf: float
+
+    @classmethod
+    def coordinates(cls, k: int) -> "SubspaceGeometry":
+        """``k`` coordinates of the input (exact constants)."""
+        return cls(k, 1.0, float(k), 1.0, math.sqrt(k))
+
+    @classmethod
+    def from_leverage(cls, dim: int, leverage: np.ndarray) -> "SubspaceGeometry":
+        """From the leverage scores ``l_i = (P_S)_ii`` (basis-independent), inflated against rounding."""
+        lev = np.sort(np.clip(np.asarray(leverage, dtype=np.float64), 0.0, 1.0))[::-1]
+        max_lev = min(1.0, float(lev[0]) * _ROUNDING)
+        rest = np.concatenate([np.cumsum(lev[::-1])[::-1], [0.0]])  # rest[j] = T_j = sum of lev[j:]
+        j = np.arange(len(lev) + 1)
+        roots = np.concatenate([np.cumsum(np.sqrt(lev[::-1]))[::-1], [0.0]])
+        sign_norm2 = min(float(np.min(np.sqrt(j) + roots)) ** 2 * _ROUNDING, float(len(lev)))
+        rest = rest + 1e-10 + 8.0 * np.finfo(np.float64).eps * len(lev) * dim  # T_j from above: rounding
+        free = rest < 1.0
+        s_star = float(np.min(j[free] / (1.0 - rest[free]), initial=float(len(lev)))) * _ROUNDING
+        return cls(int(dim), max_lev, sign_norm2, math.sqrt(max_lev), math.sqrt(min(s_star, sign_norm2)))
+
 
 
 class Subspace:
@@ -23,8 +83,8 @@ class Subspace:
         with orthonormal columns (a basis of ``S``) or the ``(d, d)`` orthogonal projection ``P_S``;
       * a ``(d, k)`` array / tensor with orthonormal columns, or a sequence of coordinates.
 
-    l_p norms "in the subspace" are those of the coordinates in this orthonormal basis (for coordinate
-    subspaces: of the selected coordinates themselves).
+    Radii "in the subspace" are measured in the ambient l_p norm of the perturbation ``delta in S`` (seed 004
+    Definition 1), the same for every basis of ``S`` (a ``(d, k)`` basis ``Q``, ``Q R`` or ``Q Q^T``).
     """
 
     def __init__(self, spec):
@@ -126,6 +186,19 @@ class Subspace:
         """Coordinates ``Q^T v`` of rows ``v`` of ``vectors`` (B, d) in the subspace's orthonormal basis ``Q``."""
         sel = self.resolve(input_shape)
         return vectors[:, sel] if sel.ndim == 1 else vectors @ sel
+
+    def project(self, vectors: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
+        """Ambient projections ``P_S v`` of rows ``v`` of ``vectors`` (B, d): ``(B, d)``, or for coordinate
+        subspaces ``(B, k)`` (the selected coordinates; the others are 0, so every l_p norm is the same)."""
+        sel = self.resolve(input_shape)
+        return vectors[:, sel] if sel.ndim == 1 else (vectors @ sel) @ sel.T
+
+    def geometry(self, input_shape: Sequence[int]) -> SubspaceGeometry:
+        """The constants of :class:`SubspaceGeometry` (exact for coordinate subspaces)."""
+        sel = self.resolve(input_shape)
+        if sel.ndim == 1:
+            return SubspaceGeometry.coordinates(int(sel.shape[0]))
+        return SubspaceGeometry.from_leverage(sel.shape[1], (sel * sel).sum(axis=1))
 
     def dim(self, input_shape: Sequence[int]) -> int:
         sel = self.resolve(input_shape)
