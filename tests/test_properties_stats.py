@@ -38,8 +38,9 @@ def test_bounds_lie_in_the_unit_interval_around_the_estimate(kn, alpha):
     lower = clopper_pearson_lower(k, n, alpha)
     upper = clopper_pearson_upper(k, n, alpha)
     assert 0.0 <= lower <= k / n <= upper <= 1.0
-    assert (lower == 0.0) == (k == 0)
-    assert (upper == 1.0) == (k == n)
+    assert (lower == 0.0) == (k == 0)  # 1 - (1 - alpha)^(1/n) >= 5e-19 at k = 1: no underflow
+    if k == n:  # (below k = n the bound may round to 1: (1 - alpha)^(1/n) at k = n - 1)
+        assert upper == 1.0
 
 
 @SETTINGS
@@ -79,8 +80,11 @@ def test_a_smaller_alpha_widens_both_bounds(kn, alpha, shrink):
     smaller = alpha * shrink
     if not smaller > 0.0:
         return
-    assert clopper_pearson_lower(k, n, smaller) <= clopper_pearson_lower(k, n, alpha)
-    assert clopper_pearson_upper(k, n, smaller) >= clopper_pearson_upper(k, n, alpha)
+    # scipy's inverse incomplete beta is exact to its last ulp only: alphas one ulp apart (k=89, n=174,
+    # alpha=0.5) gave upper bounds in the wrong order by one ulp (1.1e-16), so one ulp is allowed
+    lower, upper = clopper_pearson_lower(k, n, alpha), clopper_pearson_upper(k, n, alpha)
+    assert clopper_pearson_lower(k, n, smaller) <= lower + np.spacing(lower)
+    assert clopper_pearson_upper(k, n, smaller) >= upper - np.spacing(upper)
 
 
 @SETTINGS

@@ -199,12 +199,21 @@ def pack_groups(regions: Sequence[Region], device: torch.device) -> list[tuple[l
     return out
 
 
+#: Absolute margin of :func:`separated`: an unscaled float64 norm loses at most ``sqrt(d * 2.2e-308)`` to
+#: underflow (squares below the smallest normal, even flushed), far below this for any ``d < 1e20``.
+UNDERFLOW_MARGIN = 1e-140
+
+
 def separated(pa: RegionPack, pb: RegionPack, w: torch.Tensor) -> torch.Tensor:
-    """Rigorous disjointness per row: the direction ``w`` strictly separates the two regions."""
+    """Rigorous disjointness per row: the direction ``w`` strictly separates the two regions.
+
+    The gap must exceed the rounding allowance and :data:`UNDERFLOW_MARGIN`: support functions of a tiny
+    ``w`` (or of tiny regions) underflow to 0, which would otherwise "separate" intersecting regions.
+    """
     delta = pb.center - pa.center
     gap = fixed_sum(w * delta).abs() - pa.support(w) - pb.support(w)
     scale = fixed_norm(w) * (fixed_norm(delta) + 2.0 * (pa.outer() + pb.outer()))
-    return gap > rounding_allowance(delta.shape[1]) * scale
+    return gap > rounding_allowance(delta.shape[1]) * scale + UNDERFLOW_MARGIN
 
 
 # ----------------------------------------------------------------------------------------------- distances

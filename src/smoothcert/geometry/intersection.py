@@ -15,8 +15,9 @@ verdict is only returned with a certificate checked in exact form: a direction `
 less a float64 rounding allowance. For ellipsoids that direction is ``M(t*)^-1 (b - a)`` at the minimizer of
 ``K``: whenever ``K(t) < 0`` it separates (Cauchy-Schwarz), so the check only rejects what rounding blurs.
 Two l1 regions use the l1 analogue of ``K`` (a concave piecewise-linear ``phi(t)``, maximized exactly by
-sorting its breakpoints); an ellipsoid and an l1 region find ``w`` by accelerated alternating projections
-(pairs closer than ``1e-9`` of their scale count as intersecting); a ball uses the exact distance test.
+sorting its breakpoints); an ellipsoid and an l1 region, and two ellipsoids that both have a zero semi-axis
+(where ``K`` is ill-conditioned), find ``w`` by accelerated alternating projections (pairs closer than ``1e-9``
+of their scale count as intersecting); a ball uses the exact distance test.
 Distances come from :mod:`smoothcert.geometry.distance` (lower bounds).
 
 Canonical per pair: a verdict depends on its own pair only, never on the other regions it is tested with
@@ -145,7 +146,12 @@ def k_function(r1: Region, r2: Region) -> Callable[[torch.Tensor], torch.Tensor]
 
 
 def _kt_disjoint(ra: Region, rbs: Sequence[Region]) -> torch.Tensor:
-    """Ellipsoid pairs: minimize K(t) (eq. 4.9(3)); a negative minimum's direction is checked exactly."""
+    """Ellipsoid pairs: minimize K(t) (eq. 4.9(3)); a negative minimum's direction is checked exactly.
+
+    When both regions have a zero semi-axis, the whitened side's are inflated (:func:`_k_parts`) and the
+    pencil's small eigenvalues carry errors of ``eps * lam_max`` (``lam_max ~ 1e18``): ``K`` is unreliable there,
+    so pairs it did not separate go to :func:`_alternating_disjoint` (every verdict is checked exactly anyway).
+    """
     parts = [_k_parts(ra, rb) for rb in rbs]
     lam = torch.stack([p[0] for p in parts])
     z = torch.stack([p[1] for p in parts])
@@ -159,6 +165,10 @@ def _kt_disjoint(ra: Region, rbs: Sequence[Region]) -> torch.Tensor:
         w_map = parts[i][2]
         w = v if w_map is None else fixed_matvec(w_map[None], v[None])[0]
         out[i] = bool(separated(pa, RegionPack.of([rbs[i]], dev), w[None, :])[0])
+    if bool((ra.axes <= 0).any()):
+        flat = [i for i, rb in enumerate(rbs) if not out[i] and bool((rb.axes <= 0).any())]
+        if flat:
+            out[flat] = _alternating_disjoint(ra, [rbs[i] for i in flat])
     return out
 
 
@@ -197,7 +207,8 @@ def _l1_disjoint(ra: Region, rbs: Sequence[Region]) -> torch.Tensor:
 
 
 def _alternating_disjoint(ra: Region, rbs: Sequence[Region], max_iter: int = 1000) -> torch.Tensor:
-    """Pairs of an ellipsoid (or flat region) and an l1 region: accelerated alternating projections.
+    """Pairs of an ellipsoid (or flat region) and an l1 region, or of two flat ellipsoids: accelerated
+    alternating projections.
 
     ``x <- P_b(P_a(y))`` with Nesterov momentum on ``y`` is projected gradient descent (FISTA) on the smooth
     convex ``dist(x, region_a)^2 / 2`` over ``region_b``; the difference of the projections is checked
@@ -241,7 +252,8 @@ def intersects_each(region: Region, regions: Sequence[Region]) -> torch.Tensor:
     ``False`` is certified (a separating direction checked in exact form, or a distance lower bound beyond
     a ball's radius); ``True`` means intersecting or too close to tell. Exact for balls and ellipsoids
     (seed 000 eq. 3.16 / 4.9(3)) up to a rounding margin; for l1 regions paired with an ellipsoid or another
-    l1 region, near-touching pairs may be reported as intersecting.
+    l1 region, and for two ellipsoids that both have a zero semi-axis, near-touching pairs may be reported as
+    intersecting.
     """
     regs = list(regions)
     d = check_regions(region, *regs)

@@ -53,8 +53,9 @@ def clopper_pearson_lower(successes: ArrayLike, trials: ArrayLike, alpha: float)
 def clopper_pearson_upper(successes: ArrayLike, trials: ArrayLike, alpha: float) -> np.ndarray | float:
     """One-sided Clopper-Pearson upper bound: ``P(p <= bound) >= 1 - alpha``.
 
-    Equals ``Beta.ppf(1 - alpha, k + 1, n - k)`` and 1 when ``k = n``; computed as ``Beta.isf(alpha, ...)``,
-    since ``1 - alpha`` rounds away the digits of a small alpha (at alpha = 1e-12, k = 0, n = 2 the ppf form was 1.1e-11 too high, relative).
+    Equals ``Beta.ppf(1 - alpha, k + 1, n - k)`` and 1 when ``k = n``; computed as ``Beta.isf(alpha, ...)``, since
+    ``1 - alpha`` rounds away the digits of a small alpha (alpha = 1e-12, k = 0, n = 2: the ppf form was 1.1e-11
+    too high, relative).
     """
     check_alpha(alpha)
     k, n = _counts(successes, trials)
