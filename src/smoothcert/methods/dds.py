@@ -24,7 +24,7 @@ from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.noise.uniform import UniformDiagonal
 from smoothcert.methods.base import RunContext
 from smoothcert.methods.datadependent import Choice, DataDependentMethod
-from smoothcert.methods.optimize import optimize_dds
+from smoothcert.methods.optimize import fallback_reason, optimize_dds
 
 __all__ = ["optimize_dds", "DDS"]
 
@@ -42,9 +42,9 @@ class DDS(DataDependentMethod):
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
         result = self.dds_stage(ctx, x, indices)
         choices = []
-        for scale, ok in zip(result.params.tolist(), result.finite.tolist()):
-            if not ok:
-                choices.append(Choice(self.base_noise(), {}, "non-finite optimization"))
+        for i, scale in enumerate(result.params.tolist()):
+            if fallback_reason(i, result):
+                choices.append(Choice(self.base_noise(), {}, fallback_reason(i, result)))
                 continue
             if self.family == "uniform":
                 noise = UniformDiagonal.isotropic(scale)
