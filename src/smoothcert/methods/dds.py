@@ -4,8 +4,8 @@ Per input, the noise level ``sigma_x`` maximizes the reparameterized certified r
 
     R(sigma) = sigma * gap(E_w[softmax f(x + sigma w)]),   w ~ N(0, I)   (eq. 3.7),
 
-by plain gradient ascent from ``sigma_0 = --sigma`` (learning rate 0.04, up to 900 steps, 100 samples per
-step; seed 000 / public code), with ``gap = Phi^-1(p_A)`` of the class ``c_A`` on top at ``sigma_0`` (or the
+by gradient ascent from ``sigma_0 = --sigma`` (learning rate 0.04, up to 900 steps, 100 samples per step;
+seed 000 / public code; each step taken in log sigma within a trust region, :func:`optimize_dds`), with ``gap = Phi^-1(p_A)`` of the class ``c_A`` on top at ``sigma_0`` (or the
 published ``(Phi^-1(p_A) - Phi^-1(p_B)) / 2``, ``--opt-gap top2``). The smoothed classifier then uses
 ``N(0, sigma_x^2 I)`` and is certified like Cohen's on fresh samples; memory-based certification makes the
 per-input choice sound across inputs (:mod:`.datadependent`). ``--norm l1`` runs the same ascent for the

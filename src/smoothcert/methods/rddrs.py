@@ -80,13 +80,15 @@ def _ascent_step(values, vectors, grad, r, geo, low, low_index, floor, failures,
     """One step ``C <- Exp_C(t grad H(C))`` (eq. 6) for a group ``rows`` of inputs, written in ``C``'s eigenbasis
     ``Q`` (``C = Q diag(values) Q^T``), where ``C^1/2`` is diagonal:
 
-        L = C^-1/2 grad H C^-1/2 = diag(sqrt v) (Q^T dR Q) diag(sqrt v) (P + kappa K) + R (P / d) I + kappa R v_min e e^T,
+        L = C^-1/2 grad H C^-1/2
+          = diag(sqrt v) (Q^T dR Q) diag(sqrt v) (P + kappa K) + R (P / d) I + kappa R v_min e e^T,
 
     and the new ``C`` is ``diag(sqrt v) expm(t L) diag(sqrt v)`` there, its eigenvalues clipped to ``>= floor``.
     ``t = lr``, shortened where needed so that ``||t L||_2 <= max_log_step``: the step's eigenvalues ``mu`` of
     ``t L`` are ``log`` of the factors by which it stretches ``C`` (``C^-1/2 C' C^-1/2 = expm(t L)``), so no step
-    changes ``C`` by more than ``exp(max_log_step)`` in any direction (a trust region in the affine-invariant
-    metric, whose distance is ``||log(C^-1/2 C' C^-1/2)||_F``, seed 003). Without it, the geometric-mean term alone
+    changes ``C`` by more than ``exp(max_log_step)`` in any direction (a trust region on the largest log-factor;
+    the affine-invariant distance of seed 003, ``||log(C^-1/2 C' C^-1/2)||_F``, is at most ``sqrt(d)`` times it;
+    the direction of the step is the published one). Without it, the geometric-mean term alone
     grows ``P`` like ``P' = P exp(lr R P / d)``, which reaches infinity in about ``d / (lr R P)`` steps (4 steps
     at d = 2, P = 3), and long before that ``C``'s small eigenvalues are lost to round-off. ``grad`` is ``dR/dC``
     times ``P + kappa K``. Rows that fail (``failures``, the reason recorded) keep their ``C``.
