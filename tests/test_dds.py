@@ -213,7 +213,7 @@ def test_fall_back_to_the_isotropic_certificate(tmp_path):
     rows = run_method(DDS(0.1, samples=10, dds_steps=3, memory=False), context(Exploding()), x,
                       torch.tensor([1, 1]), [0, 1], tmp_path / "b")
     assert rows[0]["fallback"] == "none" and rows[0]["min_scale"] != 0.1
-    assert rows[1]["fallback"] == "non-finite optimization" and rows[1]["min_scale"] == sampled
+    assert rows[1]["fallback"].startswith("non-finite optimization: dds step ") and rows[1]["min_scale"] == sampled
     assert DataDependentMethod.load_noise(tmp_path / "b" / "log.tsv", 1).sigma == 0.1
 
 
@@ -332,3 +332,89 @@ def test_command_line_run_resumes_after_a_lost_row(tmp_path):
     again = out.read_text().splitlines()
     strip = lambda line: [v for c, v in zip(lines[0].split("\t"), line.split("\t")) if c != "time"]  # noqa: E731
     assert [strip(v) for v in again] == [strip(v) for v in lines]
+
+
+class Sharp(torch.nn.Module):
+    """A linear boundary x_0 = 0.5 with a sharp softmax: logits (0, k (x_0 - 0.5))."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        z = self.k * (x.reshape(x.shape[0], -1)[:, 0] - 0.5)
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def test_ascent_near_p_one_never_collapses_to_the_floor():
+    """p_A ~ 1 at sigma_0 (margins 0.2-0.4, sigma_0 = 0.05): the clamp holds the gap at Phi^-1(0.999) until one
+    noise sample reaches the boundary, whose softmax derivative (k = 100) times dPhi^-1/dp = 1 / phi(Phi^-1(p))
+    (~40 at p = 0.99) made gradients of -100 and more: the plain step took sigma to the floor (sigma_0 / 100) in
+    one step. For a linear boundary the radius sigma * Phi^-1(Phi(m / sigma)) = m is the same at every sigma, so
+    nothing calls for the floor; one step changes sigma by at most exp(MAX_LOG_STEP)."""
+    x = torch.tensor([[0.8, 0.5], [0.7, 0.5], [0.9, 0.5], [0.75, 0.2]])
+    seen = []
+    result = optimize_dds(Sharp(100.0), x, 0.05, generators=gens("o", 4), steps=300,
+                          callback=lambda step, s: seen.append(s.clone()))
+    path = torch.cat([torch.full((1, 4), 0.05), torch.stack(seen)])
+    assert result.finite.all() and (path > 0.05 / 100 * 10).all(), path.min(0)
+    from smoothcert.methods.optimize import MAX_LOG_STEP
+
+    ratio = path[1:] / path[:-1]
+    assert (ratio >= math.exp(-MAX_LOG_STEP) * (1 - 1e-5)).all() and (ratio <= math.exp(MAX_LOG_STEP) * (1 + 1e-5)).all()
+    assert (result.params > 0.05).all()  # it rose from the clamp, as the plain ascent does
+
+
+class UnderConfident(torch.nn.Module):
+    """Three classes, class 0 on the side x_0 > 0.3 by the hard votes, but the softmax never gives it more than
+    e^0.3 / (e^0.3 + 2) = 0.40 near x: logits (clamp(3 (x_0 - 0.3), max=0.3), 0, 0)."""
+
+    def forward(self, x):
+        z = (3 * (x.reshape(x.shape[0], -1)[:, 0] - 0.3)).clamp(max=0.3)
+        return torch.stack([z, torch.zeros_like(z), torch.zeros_like(z)], 1)
+
+
+def test_negative_softmax_gap_keeps_the_scale_instead_of_driving_it_to_the_floor():
+    """Averaged softmax p_A < 1/2 (the toy-3class case): Phi^-1(p_A) < 0, so sigma * Phi^-1(p_A) is largest as
+    sigma -> 0 and the ascent went to the floor, where the hard-vote radius is ~100x smaller than at sigma_0.
+    No scale certifies anything by that gap, so the scale stays (seed 000 eq. 3.3 certifies only p_A > 1/2)."""
+    model, x = UnderConfident(), torch.tensor([[0.6, 0.5], [0.8, 0.1]])
+    result = optimize_dds(model, x, 0.25, generators=gens("u", 2), steps=200)
+    assert result.classes.tolist() == [0, 0] and torch.allclose(result.params, torch.full((2,), 0.25))
+
+    def hard_radius(sigma, n=4000):  # sigma * Phi^-1(hard-vote frequency of class 0), independent samples
+        w = torch.randn(n, 2, generator=torch.Generator().manual_seed(5))
+        p = torch.tensor([float((model(x[i] + sigma * w).argmax(1) == 0).double().mean()) for i in range(2)])
+        return sigma * torch.special.ndtri(p.clamp(max=1 - 1 / n))
+
+    assert (hard_radius(0.25) > 10 * hard_radius(0.25 / 100)).all()
+
+
+def test_noise_families_are_classes_and_the_names_map_to_them():
+    from smoothcert.methods.optimize import FAMILIES, noise_family
+    from smoothcert.noise.uniform import UniformDiagonal
+
+    assert noise_family("uniform") is UniformDiagonal and noise_family(IsotropicGaussian) is IsotropicGaussian
+    a = standard_draws(gens("f", 2), 5, (3,), "uniform")
+    b = standard_draws(gens("f", 2), 5, (3,), UniformDiagonal)
+    assert torch.equal(a, b) and a.shape == (2, 5, 3) and a.abs().max() <= 1
+    probs = torch.tensor([[0.2, 0.7, 0.1]])
+    assert torch.equal(objective_gap(probs, torch.tensor([1]), "gaussian", "top2"),
+                       objective_gap(probs, torch.tensor([1]), FAMILIES["gaussian"], "top2"))
+
+    class Laplace:
+        """A family the optimizers do not know by name: w ~ Laplace(0, 1), gap 2 p_A - 1."""
+
+        @classmethod
+        def standard_draws(cls, generators, samples, shape, device="cpu"):
+            return torch.stack([torch.distributions.Laplace(0.0, 1.0).sample((samples, *shape)) for _ in generators])
+
+        @classmethod
+        def differentiable_gap(cls, p_a, p_b=None):
+            return 2 * p_a - 1 if p_b is None else p_a - p_b
+
+    result = optimize_dds(Ellipse(), torch.tensor([[0.5, 0.5]]), 0.05, generators=gens("l"), steps=20,
+                          family=Laplace)
+    assert result.finite.all() and result.params.shape == (1,)
+    with pytest.raises(ValueError, match="family"):
+        noise_family(object)

@@ -30,6 +30,9 @@ OLD_OPTIONS = {
     "--rddrs-steps": 100, "--rddrs-lr": 1.0, "--rddrs-samples": 1000, "--rddrs-kappa": 1e-6,
     "--norms": ("l2", "l1", "linf"), "--subspace": None, "--alpha-split": 0.5,
 }
+#: Options added since, with their defaults (a default keeps the earlier behaviour).
+NEW_OPTIONS = {"--ancer-constraint": "elementwise"}
+OPTIONS = {**OLD_OPTIONS, **NEW_OPTIONS}
 
 
 def method_parser(methods=None):
@@ -44,17 +47,17 @@ def method_parser(methods=None):
 def test_every_old_option_keeps_its_name_and_default():
     parser = method_parser()
     flags = {s for a in parser._actions for s in a.option_strings} - {"-h", "--help", "--sigma", "--n", "--alpha"}
-    assert flags == set(OLD_OPTIONS)
+    assert flags == set(OPTIONS)
     args = parser.parse_args(["--sigma", "0.3"])
     for cls in CertifyMethod.registry.values():
         settings = settings_from_args(cls.settings_type, args)
         for f in dataclasses.fields(settings):
             if f.name != "sigma":
-                assert getattr(settings, f.name) == OLD_OPTIONS[flag_of(f)], (cls.name, f.name)
+                assert getattr(settings, f.name) == OPTIONS[flag_of(f)], (cls.name, f.name)
     # the certify and plot-regions commands carry the same method options
     for command in ("certify", "plot-regions"):
         sub = build_parser()._subparsers._group_actions[0].choices[command]
-        assert set(OLD_OPTIONS) <= {s for a in sub._actions for s in a.option_strings}
+        assert set(OPTIONS) <= {s for a in sub._actions for s in a.option_strings}
 
 
 def other_value(f):

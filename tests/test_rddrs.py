@@ -175,3 +175,47 @@ def test_method_on_mnist_sized_inputs(tmp_path):
         assert row["fallback"] == "none" and row["min_scale"] >= (row["scale_iso"] - rounding) * (1 - 1e-9)
     with pytest.raises(ValueError, match="rddrs-samples"):
         RDDRS(0.25, rddrs_samples=0)
+
+
+def test_large_scales_in_two_dimensions_do_not_blow_up():
+    """d = 2, sigma* = 3 (DDS's scale on the toy sets, where the softmax stays above 1/2 far out): the
+    geometric-mean term alone makes P' = P exp(lr R P / d), infinite after ~d / (lr R P) = 1 step (C had
+    eigenvalues 1e15 and non-finite values within 10 steps, and the input fell back). Each step is the Riemannian
+    exponential of the gradient, shortened to stretch C by at most exp(RDDRS_MAX_LOG_STEP)."""
+    d, sigma, lr = 2, 3.0, 1.0
+    seen = []
+    result = optimize_rddrs(Constant(), torch.zeros(1, d), sigma, generators=gens("k"), steps=100, lr=lr,
+                            samples=10, kappa=0.0, callback=lambda s, c: seen.append(c[0].clone()))
+    assert result.finite.all() and result.reasons == [""]
+    tau = rddrs_module.RDDRS_MAX_LOG_STEP
+    r = float(torch.special.ndtri(torch.tensor(0.8, dtype=F64)))
+    expected = sigma
+    for c in seen:  # the exact step: C <- C exp(min(lr R P / d, tau)), P = the current scale
+        expected *= math.exp(min(lr * r * expected / d, tau))
+        assert torch.allclose(c, expected * torch.eye(d, dtype=F64), rtol=1e-6)
+    FullGaussian(result.params[0])
+
+
+@pytest.mark.slow
+def test_fall_back_is_rare_on_a_toy_set_and_every_reason_says_what_and_when():
+    """A trained toy-curved MLP, 40 test inputs, from the scale where RDDRS fell back for half the toy inputs."""
+    import re
+
+    from smoothcert.data.datasets import load_dataset
+    from smoothcert.models.architectures import model_for_dataset
+    from smoothcert.training.loop import train
+
+    torch.manual_seed(0)
+    model = model_for_dataset("toy-curved")
+    train(model, load_dataset("toy-curved", "train"), sigma=0.25, epochs=3, lr=0.1, seed=0, progress=False)
+    model.eval()
+    test = load_dataset("toy-curved", "test")
+    x = torch.stack([test[i][0] for i in range(40)])
+    labels = torch.tensor([test[i][1] for i in range(40)])
+    ctx = RunContext(model, 2, 20, 200, 0.01, 4000, torch.float32, 0, torch.device("cpu"))
+    method = RDDRS(3.0, samples=50, dds_steps=20, steps=30, rddrs_samples=200, memory=False)
+    rows = method.certify(ctx, x, labels, list(range(40)))
+    reasons = [r["fallback"] for r in rows if r["fallback"] != "none"]
+    assert len(reasons) <= 0.02 * len(rows), reasons
+    pattern = re.compile(r"non-finite optimization: (dds|rddrs) step \d+: .+ not finite")
+    assert all(pattern.fullmatch(r) for r in reasons), reasons

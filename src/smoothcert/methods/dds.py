@@ -4,8 +4,8 @@ Per input, the noise level ``sigma_x`` maximizes the reparameterized certified r
 
     R(sigma) = sigma * gap(E_w[softmax f(x + sigma w)]),   w ~ N(0, I)   (eq. 3.7),
 
-by plain gradient ascent from ``sigma_0 = --sigma`` (learning rate 0.04, up to 900 steps, 100 samples per
-step; seed 000 / public code), with ``gap = Phi^-1(p_A)`` of the class ``c_A`` on top at ``sigma_0`` (or the
+by gradient ascent from ``sigma_0 = --sigma`` (learning rate 0.04, up to 900 steps, 100 samples per step;
+seed 000 / public code; each step taken in log sigma within a trust region, :func:`optimize_dds`), with ``gap = Phi^-1(p_A)`` of the class ``c_A`` on top at ``sigma_0`` (or the
 published ``(Phi^-1(p_A) - Phi^-1(p_B)) / 2``, ``--opt-gap top2``). The smoothed classifier then uses
 ``N(0, sigma_x^2 I)`` and is certified like Cohen's on fresh samples; memory-based certification makes the
 per-input choice sound across inputs (:mod:`.datadependent`). ``--norm l1`` runs the same ascent for the
@@ -23,7 +23,7 @@ from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.noise.uniform import UniformDiagonal
 from smoothcert.methods.base import RunContext
 from smoothcert.methods.datadependent import Choice, DataDependentMethod, DataDependentSettings
-from smoothcert.methods.optimize import optimize_dds
+from smoothcert.methods.optimize import fallback_reason, optimize_dds
 
 __all__ = ["optimize_dds", "DDS"]
 
@@ -37,9 +37,9 @@ class DDS(DataDependentMethod):
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
         result = self.dds_stage(ctx, x, indices)
         choices = []
-        for scale, ok in zip(result.params.tolist(), result.finite.tolist()):
-            if not ok:
-                choices.append(Choice(self.base_noise(), {}, "non-finite optimization"))
+        for i, scale in enumerate(result.params.tolist()):
+            if fallback_reason(i, result):
+                choices.append(Choice(self.base_noise(), {}, fallback_reason(i, result)))
                 continue
             if self.family == "uniform":
                 noise = UniformDiagonal.isotropic(scale)

@@ -7,6 +7,14 @@ parameters (seed 000 eq. 3.7). Probabilities (never raw logits) are clamped to [
 ``Phi^-1``. All inputs of a batch are optimized by one tensor program over ``(B, samples, d)``; each input draws
 from its own ``"optimize-<stage>"`` stream, never from the certification streams.
 
+The noise family (its standard draws ``w`` and its differentiable gap) is a class of :mod:`smoothcert.noise`
+(:class:`~smoothcert.noise.IsotropicGaussian` or :class:`~smoothcert.noise.UniformDiagonal`); the public
+``family=`` keyword also takes the names of :data:`FAMILIES`, mapped to the class once by :func:`noise_family`.
+
+An input whose averaged-softmax gap is <= 0 at the start keeps its start (:func:`started_gap`). An input whose
+optimization produces a non-finite value keeps its last finite parameters, and its
+:attr:`OptimizationResult.reasons` entry says which quantity at which step (:class:`FailureLog`).
+
 :func:`optimize_dds` is the isotropic stage every method starts from (DDS itself, and the ``theta_iso`` of
 ANCER, RANCER and RDDRS).
 """
@@ -15,24 +23,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.noise.uniform import UniformDiagonal
+
 __all__ = [
-    "FAMILIES", "GAPS", "CLAMP", "NotDifferentiable", "check_optimizer_arguments", "OptimizationResult",
-    "standard_draws", "objective_gap", "objective_and_gradient", "mean_probs", "class_slots", "classes_of",
-    "finish_optimization", "rows_finite", "expand_rows", "cpu_pass_size", "CPU_PASS_VALUES", "optimize_dds", "check_stage",
+    "FAMILIES", "GAPS", "CLAMP", "MAX_LOG_STEP", "NotDifferentiable", "check_optimizer_arguments",
+    "OptimizationResult", "FailureLog", "noise_family", "standard_draws", "objective_gap", "started_gap",
+    "objective_and_gradient", "mean_probs", "class_slots", "classes_of", "finish_optimization", "rows_finite",
+    "expand_rows", "cpu_pass_size", "CPU_PASS_VALUES", "optimize_dds", "fallback_reason",
 ]
 
-#: Noise families the optimizers reparameterize: ``eps = scale * w`` with ``w ~ N(0, 1)`` or ``U[-1, 1]``.
-FAMILIES = ("gaussian", "uniform")
+#: Noise families the optimizers reparameterize, by the name the ``family=`` keyword takes: ``eps = scale * w``
+#: with ``w`` from the class's ``standard_draws`` (``N(0, 1)`` or ``U[-1, 1]``) and its ``differentiable_gap``.
+FAMILIES = {"gaussian": IsotropicGaussian, "uniform": UniformDiagonal}
 #: Objective gaps: ``"pa"`` = the certificate's own gap (``Phi^-1(p_A)``, or ``2 p_A - 1`` for uniform noise);
 #: ``"top2"`` = the published two-class form (``(Phi^-1(p_A) - Phi^-1(p_B)) / 2``, or ``p_A - p_B``).
 GAPS = ("pa", "top2")
 #: Probabilities are clamped to this interval before the gap (seed 000 / ANCER public code).
 CLAMP = (0.001, 0.999)
-
+#: Trust region of DDS's log-scale steps: one step changes sigma by at most ``exp(MAX_LOG_STEP)``. Published-size
+#: steps stay below it (the first step from sigma_0 = 0.25 at the clamp is lr * Phi^-1(0.999) / 0.25 = 0.49).
+MAX_LOG_STEP = 0.5
 
 #: ``perturb(w_rows, rows)``: standard draws (n, m, ...) of the inputs ``rows`` -> their perturbations.
 Perturb = Callable[[torch.Tensor, slice], torch.Tensor]
@@ -51,17 +66,65 @@ class OptimizationResult:
     ``params``: the optimized parameters, one row per input; ``classes``: the class ``c_A`` whose probability
     was optimized (the top class of the averaged softmax at the initial noise, seed 000 eq. 3.6);
     ``objective``: (steps, B) objective estimates, each from the samples of its step, before that step's update;
-    ``finite``: False where the optimization produced a non-finite value (that input must fall back).
+    ``finite``: False where the optimization produced a non-finite value (that input must fall back);
+    ``reasons``: per input ``""``, or what became non-finite at which step (:class:`FailureLog`).
     """
 
     params: torch.Tensor
     classes: torch.Tensor
     objective: torch.Tensor
     finite: torch.Tensor
+    reasons: list[str] = field(default_factory=list)
+
+    def reason(self, i: int) -> str:
+        """Why input ``i`` must fall back (``""`` when it need not)."""
+        return "" if bool(self.finite[i]) else (self.reasons[i:i + 1] or [""])[0] or "non-finite parameters"
+
+
+class FailureLog:
+    """Which inputs of a batch are still finite, and for the others the first quantity and step that was not.
+
+    ``check(step, label, *tensors)`` marks every still-finite row with a non-finite entry in one of the
+    tensors (rows = inputs) as failed with the reason ``"<stage> step <step>: <label> not finite"``.
+    """
+
+    def __init__(self, b: int, stage: str, device: torch.device | str = "cpu"):
+        self.stage = stage
+        self.finite = torch.ones(b, dtype=torch.bool, device=device)
+        self.reasons = [""] * b
+
+    def check(self, step: int, label: str, *tensors: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """Record the rows ``rows`` of the batch that turn non-finite here; returns the updated mask of ``rows``."""
+        part = self.finite[rows]
+        bad = part & ~rows_finite(*tensors)
+        if bool(bad.any()):
+            start = rows.start or 0
+            for i in bad.nonzero().flatten().tolist():
+                self.reasons[start + i] = f"{self.stage} step {step}: {label} not finite"
+            self.finite[rows] = part & ~bad
+        return self.finite[rows]
+
+
+def fallback_reason(i: int, *results: OptimizationResult) -> str:
+    """The ``fallback`` entry of input ``i`` after the stages ``results``: ``""`` when every stage is finite, else
+    ``"non-finite optimization: <the first failing stage's reason>"``."""
+    return next(("non-finite optimization: " + r.reason(i) for r in results if r.reason(i)), "")
+
+
+def noise_family(family):
+    """The noise family for ``family``: a name of :data:`FAMILIES`, or any class with the classmethods
+    ``standard_draws(generators, samples, shape, device)`` and ``differentiable_gap(p_a, p_b=None)``."""
+    if isinstance(family, str):
+        family = FAMILIES.get(family, family)
+    if isinstance(family, type) and callable(getattr(family, "standard_draws", None)) \
+            and callable(getattr(family, "differentiable_gap", None)):
+        return family
+    raise ValueError(f"noise family must be one of {', '.join(FAMILIES)} or a class with standard_draws and "
+                     f"differentiable_gap, got {family!r}")
 
 
 def check_optimizer_arguments(x: torch.Tensor, generators: Sequence, steps: int, lr: float, samples: int,
-                              family: str = "gaussian", gap: str = "pa") -> None:
+                              family="gaussian", gap: str = "pa", max_log_step: float = 1.0) -> None:
     """One clear error for a bad argument of an optimizer (shared by DDS, ANCER / RANCER and RDDRS)."""
     if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x) or x.ndim < 2 or x.shape[0] == 0:
         raise ValueError("x must be a non-empty floating-point batch (B, *input_shape), pixels in [0, 1]")
@@ -72,47 +135,49 @@ def check_optimizer_arguments(x: torch.Tensor, generators: Sequence, steps: int,
             raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"the learning rate must be a finite number >= 0, got {lr!r}")
-    if family not in FAMILIES:
-        raise ValueError(f"noise family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if isinstance(max_log_step, bool) or not isinstance(max_log_step, (int, float)) or not 0 < max_log_step < math.inf:
+        raise ValueError(f"max_log_step must be a finite number > 0, got {max_log_step!r}")
+    noise_family(family)
     if gap not in GAPS:
         raise ValueError(f"objective gap must be one of {', '.join(GAPS)}, got {gap!r}")
 
 
 def standard_draws(generators: Sequence[torch.Generator | None], samples: int, shape: Sequence[int],
-                   family: str = "gaussian", device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(B, samples, *shape)`` float32 standard draws, input ``i`` from ``generators[i]``.
-
-    ``family`` ``"gaussian"``: ``N(0, 1)``; ``"uniform"``: ``U[-1, 1]``. One call per input (not per sample), so
-    an input's draws do not depend on which inputs share its batch.
-    """
-    if family not in FAMILIES:
-        raise ValueError(f"noise family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    size = (samples, *shape)
-    if family == "gaussian":
-        draws = [torch.randn(size, generator=g, device=device) for g in generators]
-    else:
-        draws = [torch.rand(size, generator=g, device=device).mul_(2).sub_(1) for g in generators]
-    return torch.stack(draws)
+                   family="gaussian", device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(B, samples, *shape)`` float32 standard draws of the family (``N(0, 1)`` or ``U[-1, 1]``), input ``i``
+    from ``generators[i]`` (one call per input, so an input's draws do not depend on its batch)."""
+    return noise_family(family).standard_draws(generators, samples, tuple(shape), device)
 
 
-def objective_gap(probs: torch.Tensor, classes: torch.Tensor, family: str = "gaussian", form: str = "pa"
+def objective_gap(probs: torch.Tensor, classes: torch.Tensor, family="gaussian", form: str = "pa"
                   ) -> torch.Tensor:
     """Differentiable gap of averaged softmax probabilities ``probs`` (B, K) for the classes ``c_A`` (B,).
 
-    Gaussian: ``Phi^-1(p_A)`` (``form="pa"``, the gap the certificate uses, seed 000 eq. 3.3 with
-    ``p_B = 1 - p_A``) or ``(Phi^-1(p_A) - Phi^-1(p_B)) / 2`` (``"top2"``, seed 000 eq. 3.6-3.7). Uniform (l1):
-    ``2 p_A - 1`` or ``p_A - p_B`` (Yang et al.'s l1 radius over the half-width). Probabilities are clamped
-    to [0.001, 0.999] first.
+    Probabilities are clamped to [0.001, 0.999], then the family's ``differentiable_gap``: Gaussian
+    ``Phi^-1(p_A)`` (``form="pa"``, the gap the certificate uses, seed 000 eq. 3.3 with ``p_B = 1 - p_A``) or
+    ``(Phi^-1(p_A) - Phi^-1(p_B)) / 2`` (``"top2"``, seed 000 eq. 3.6-3.7, ``p_B`` the runner-up); uniform (l1)
+    ``2 p_A - 1`` or ``p_A - p_B``.
     """
     if form not in GAPS:
         raise ValueError(f"objective gap must be one of {', '.join(GAPS)}, got {form!r}")
     p_a = probs.gather(1, classes[:, None])[:, 0].clamp(*CLAMP)
-    if form == "pa":
-        return torch.special.ndtri(p_a) if family == "gaussian" else 2 * p_a - 1
-    others = probs.scatter(1, classes[:, None], -math.inf).max(dim=1).values.clamp(*CLAMP)
-    if family == "gaussian":
-        return 0.5 * (torch.special.ndtri(p_a) - torch.special.ndtri(others))
-    return p_a - others
+    p_b = probs.scatter(1, classes[:, None], -math.inf).max(dim=1).values.clamp(*CLAMP) if form == "top2" else None
+    return noise_family(family).differentiable_gap(p_a, p_b)
+
+
+def started_gap(gate: torch.Tensor, gap: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``gap`` of the inputs ``rows`` whose gap at their first evaluation (the start) was > 0, else 0 (no ascent);
+    ``gate``: (B,) slots, -1 until an input's first evaluation (``class_slots(None, B, device)``).
+
+    An averaged-softmax gap <= 0 at the start (e.g. three classes with ``p_A < 1/2`` under an under-confident
+    softmax, while the hard votes certify) certifies nothing there (seed 000 eq. 3.3 needs ``p_A > 1/2``), and
+    ascent on ``scale * gap < 0`` shrinks the scale to its floor, where the hard-vote radius is ~100x smaller:
+    those inputs keep their start (zero gradient). The others ascend the published objective, negative
+    estimates included (a positive part ``max(gap, 0)`` at every step would bias noisy ascents upward)."""
+    part = gate[rows]
+    if bool((part < 0).any()):
+        gate[rows] = torch.where(part < 0, (gap.detach() > 0).to(gate.dtype), part)
+    return gap * gate[rows].to(gap.dtype)
 
 
 def _prob_sum(model: Callable, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -227,15 +292,17 @@ def classes_of(slots: torch.Tensor, probs: torch.Tensor, rows: slice) -> torch.T
     return slots[rows]
 
 
-def finish_optimization(params: torch.Tensor, finite: torch.Tensor, history: list[torch.Tensor],
+def finish_optimization(params: torch.Tensor, failures: FailureLog, history: list[torch.Tensor],
                         slots: torch.Tensor, evaluate: Callable[[], torch.Tensor]) -> OptimizationResult:
     """The end of every optimizer: inputs that took no step get their class from one evaluation at the start
-    (``evaluate()``: mean probabilities (B, K) at the initial parameters), and the history becomes (steps, B)."""
+    (``evaluate()``: mean probabilities (B, K) at the initial parameters), the history becomes (steps, B), and
+    the failures (with non-finite final parameters) become ``finite`` and ``reasons``."""
     if bool((slots < 0).any()):
         classes_of(slots, evaluate(), slice(None))
     b = params.shape[0]
+    failures.check(len(history), "final parameters", params.detach())
     objective = torch.stack(history) if history else torch.empty((0, b), device=params.device)
-    return OptimizationResult(params.detach(), slots, objective, finite & rows_finite(params))
+    return OptimizationResult(params.detach(), slots, objective, failures.finite.clone(), list(failures.reasons))
 
 
 def rows_finite(*tensors: torch.Tensor) -> torch.Tensor:
@@ -267,21 +334,29 @@ def optimize_dds(
     steps: int = 900,
     lr: float = 0.04,
     samples: int = 100,
-    family: str = "gaussian",
+    family="gaussian",
     gap: str = "pa",
     min_scale: float | None = None,
     classes: torch.Tensor | None = None,
     max_batch: int | None = None,
+    max_log_step: float = MAX_LOG_STEP,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> OptimizationResult:
-    """Gradient ascent on ``scale * gap`` for every input of ``x`` (B, *shape) at once (seed 000 eq. 3.7).
+    """Gradient ascent on the radius ``R(s) = s * gap(s)`` (seed 000 eq. 3.7, :func:`started_gap`) for all inputs.
+
+    The published step ``s <- s + lr dR/ds`` is taken in log scale, ``log s <- log s + clip(lr (dR/ds) / s,
+    +-max_log_step)``: the same ascent to first order (``s exp(lr g / s) = s + lr g + O((lr g)^2 / s)``), but a
+    step never makes ``s`` negative and changes it by at most the factor ``exp(max_log_step)``. (Near the clamp
+    ``p_A = 0.999``, ``dPhi^-1/dp = 1 / phi(3.09) ~ 300`` times a sharp softmax's derivative at one noise sample
+    gives gradients of -100 and more, and the plain step took ``s`` from 0.3 to the floor in one step.)
 
     ``scale0``: the start (sigma of Gaussian noise, half-width of uniform noise), scalar or (B,). The scale
     stays >= ``min_scale`` (default ``scale0 / 100``). ``generators``: one per input (the optimization stream).
     ``classes``: the class ``c_A`` per input (default: the top class of the averaged softmax at the start).
     ``callback(step, scale)`` sees the scales after every update. Returns the (B,) scales.
     """
-    check_optimizer_arguments(x, generators, steps, lr, samples, family, gap)
+    check_optimizer_arguments(x, generators, steps, lr, samples, family, gap, max_log_step)
+    family = noise_family(family)
     b, shape = x.shape[0], tuple(x.shape[1:])
     x = x.detach().float()
     scale = torch.as_tensor(scale0, dtype=torch.float32, device=x.device).expand(b).clone()
@@ -289,33 +364,26 @@ def optimize_dds(
         raise ValueError("the starting scale (sigma_0, or the uniform half-width) must be finite and > 0")
     floor = (scale / 100.0) if min_scale is None else torch.full_like(scale, float(min_scale))
     scale.requires_grad_(True)
-    finite = torch.ones(b, dtype=torch.bool, device=x.device)
-    history = []
-    slots = class_slots(classes, b, x.device)
+    failures, history = FailureLog(b, "dds", x.device), []
+    slots, gate = class_slots(classes, b, x.device), class_slots(None, b, x.device)
 
     def perturb(w: torch.Tensor, rows: slice) -> torch.Tensor:
         return w * scale[rows].view(-1, *([1] * (w.ndim - 1)))
 
     def objective(probs: torch.Tensor, rows: slice) -> torch.Tensor:
-        return scale[rows] * objective_gap(probs, classes_of(slots, probs, rows), family, gap)
+        return scale[rows] * started_gap(gate, objective_gap(probs, classes_of(slots, probs, rows), family, gap), rows)
 
     for step in range(steps):
-        w = standard_draws(generators, samples, shape, family, x.device)
+        w = family.standard_draws(generators, samples, shape, x.device)
         obj, (grad,) = objective_and_gradient(model, x, w, perturb, objective, [scale], max_batch)
-        finite &= rows_finite(obj, grad)
+        failures.check(step, "objective scale * gap", obj)
+        ok = failures.check(step, "gradient d(scale * gap)/d scale", grad)
         history.append(obj)
         with torch.no_grad():
-            scale.add_(torch.where(finite, lr * grad, torch.zeros_like(grad)))
+            log_step = torch.where(ok, lr * grad / scale, torch.zeros_like(grad)).clamp(-max_log_step, max_log_step)
+            scale.mul_(log_step.exp())
             scale.copy_(torch.maximum(scale, floor))
         if callback is not None:
             callback(step, scale.detach())
-    return finish_optimization(scale, finite, history, slots, lambda: mean_probs(
-        model, x, standard_draws(generators, samples, shape, family, x.device), perturb, max_batch))
-
-
-def check_stage(steps: int, lr: float, kappa: float) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    for label, value in (("learning rate", lr), ("kappa", kappa)):
-        if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-            raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
+    return finish_optimization(scale, failures, history, slots, lambda: mean_probs(
+        model, x, family.standard_draws(generators, samples, shape, x.device), perturb, max_batch))

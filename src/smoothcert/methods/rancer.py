@@ -35,7 +35,7 @@ from smoothcert.engine.sampling import sample_counts
 from smoothcert.stats.bounds import gap as normal_gap
 from smoothcert.methods.ancer import ANCER, ANCERSettings, optimize_ancer
 from smoothcert.methods.base import RunContext
-from smoothcert.methods.optimize import CLAMP
+from smoothcert.methods.optimize import CLAMP, fallback_reason
 from smoothcert.methods.datadependent import Choice, norm_setting
 from smoothcert.settings import choice, integer, number
 
@@ -78,7 +78,8 @@ class RANCER(ANCER):
         result = optimize_ancer(ctx.model, x, scale, generators=ctx.generators(indices, "optimize-rancer"),
                                 lower=scale * (1 - s.rancer_lambda1), upper=scale * (1 + s.rancer_lambda2),
                                 basis=basis, steps=s.ancer_steps, lr=s.ancer_lr, samples=s.opt_samples,
-                                kappa=s.kappa, gap=s.opt_gap, classes=iso.classes, max_batch=self.opt_batch(ctx, x))
+                                kappa=s.kappa, gap=s.opt_gap, constraint=s.ancer_constraint, classes=iso.classes,
+                                max_batch=self.opt_batch(ctx, x))
         return result, basis, finite
 
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
@@ -86,8 +87,8 @@ class RANCER(ANCER):
         result, basis, finite_basis = self.optimize_rotated(ctx, x, indices, iso)
         choices = []
         for i in range(x.shape[0]):
-            if not (bool(iso.finite[i]) and bool(result.finite[i])):
-                choices.append(Choice(self.base_noise(), {"basis": "none"}, "non-finite optimization"))
+            if fallback_reason(i, iso, result):
+                choices.append(Choice(self.base_noise(), {"basis": "none"}, fallback_reason(i, iso, result)))
                 continue
             noise = RotatedGaussian(basis[i], result.params[i].double())
             choices.append(Choice(noise, {"scale_iso": float(iso.params[i]),
@@ -130,7 +131,7 @@ class RANCERBest(RANCER):
             if not ok[i]:
                 choices.append(Choice(self.base_noise(), {"basis": "none", "chosen": "none",
                                                           "proxy_ancer": float("nan"), "proxy_rancer": float("nan")},
-                                      "non-finite optimization"))
+                                      fallback_reason(i, iso, axis, rotated)))
                 continue
             pick_rancer = bool(proxy_r[i] > proxy_a[i])
             extra = {"scale_iso": float(iso.params[i]), "chosen": "rancer" if pick_rancer else "ancer",

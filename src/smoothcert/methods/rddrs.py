@@ -35,10 +35,12 @@ from dataclasses import dataclass
 import torch
 
 from smoothcert.geometry.linalg import geometric_mean
-from smoothcert.noise.gaussian import FullGaussian
+from smoothcert.noise.gaussian import FullGaussian, IsotropicGaussian
 from smoothcert.methods.base import RunContext
 from smoothcert.methods.datadependent import Choice, DataDependentMethod, DataDependentSettings, norm_setting
-from smoothcert.methods.optimize import (OptimizationResult, check_optimizer_arguments, class_slots, classes_of, finish_optimization, mean_probs, objective_and_gradient, objective_gap, rows_finite, standard_draws)
+from smoothcert.methods.optimize import (FailureLog, OptimizationResult, check_optimizer_arguments, class_slots,
+                                         classes_of, fallback_reason, finish_optimization, mean_probs,
+                                         objective_and_gradient, objective_gap, started_gap)
 from smoothcert.settings import integer, number
 
 __all__ = ["optimize_rddrs", "spd_exp", "RDDRS", "RDDRSSettings"]
@@ -69,32 +71,44 @@ def spd_exp(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 #: per matrix: at d = 784 (4.9 MB a matrix) one input at a time, where a batch of 8 (39 MB per temporary, beyond the
 #: processor's cache and the allocator's reuse) ran the step's elementwise work 10x slower; at d = 64, 256 inputs.
 MATRIX_GROUP_BYTES = 8 * 2**20
+#: One ascent step stretches ``C`` by at most ``exp(RDDRS_MAX_LOG_STEP)`` along any direction (:func:`_ascent_step`).
+RDDRS_MAX_LOG_STEP = 0.1
 
 
-def _ascent_step(values, vectors, grad, r, geo, low, low_index, floor, ok, lr: float, kappa: float):
-    """One step ``C <- Exp_C(lr grad H(C))`` (eq. 6) for a group of inputs, written in ``C``'s eigenbasis ``Q``
-    (``C = Q diag(values) Q^T``), where ``C^1/2`` is diagonal:
+def _ascent_step(values, vectors, grad, r, geo, low, low_index, floor, failures, rows, step, lr: float,
+                 kappa: float, max_log_step: float):
+    """One step ``C <- Exp_C(t grad H(C))`` (eq. 6) for a group ``rows`` of inputs, written in ``C``'s eigenbasis
+    ``Q`` (``C = Q diag(values) Q^T``), where ``C^1/2`` is diagonal:
 
-        C^1/2 E C^1/2 = diag(sqrt v) (Q^T dR Q) diag(sqrt v) (P + kappa K) + R (P / d) I + kappa R v_min e e^T,
+        L = C^-1/2 grad H C^-1/2
+          = diag(sqrt v) (Q^T dR Q) diag(sqrt v) (P + kappa K) + R (P / d) I + kappa R v_min e e^T,
 
-    the tangent of ``Exp_C(lr C E C)``; the new ``C`` is ``diag(sqrt v) expm(lr ...) diag(sqrt v)`` there, its
-    eigenvalues clipped to ``>= floor``. ``grad`` is ``dR/dC`` times ``P + kappa K``. Rows that are not ``ok`` or
-    turn non-finite keep their ``C``. Returns (values, vectors, ok)."""
+    and the new ``C`` is ``diag(sqrt v) expm(t L) diag(sqrt v)`` there, its eigenvalues clipped to ``>= floor``.
+    ``t = lr``, shortened where needed so that ``||t L||_2 <= max_log_step``: the step's eigenvalues ``mu`` of
+    ``t L`` are ``log`` of the factors by which it stretches ``C`` (``C^-1/2 C' C^-1/2 = expm(t L)``), so no step
+    changes ``C`` by more than ``exp(max_log_step)`` in any direction (a trust region on the largest log-factor;
+    the affine-invariant distance of seed 003, ``||log(C^-1/2 C' C^-1/2)||_F``, is at most ``sqrt(d)`` times it;
+    the direction of the step is the published one). Without it, the geometric-mean term alone
+    grows ``P`` like ``P' = P exp(lr R P / d)``, which reaches infinity in about ``d / (lr R P)`` steps (4 steps
+    at d = 2, P = 3), and long before that ``C``'s small eigenvalues are lost to round-off. ``grad`` is ``dR/dC``
+    times ``P + kappa K``. Rows that fail (``failures``, the reason recorded) keep their ``C``.
+    Returns (values, vectors)."""
     b, d = values.shape
     roots = values.sqrt()
     local = _sym(vectors.transpose(1, 2) @ _sym(grad.double()) @ vectors) * roots[:, :, None] * roots[:, None, :]
     local = local + torch.diag_embed((r * geo / d)[:, None].expand(b, d))
     local[torch.arange(b), low_index, low_index] += kappa * r * low
-    ok = ok & rows_finite(local)
+    ok = failures.check(step, "Riemannian gradient C^-1/2 grad H C^-1/2", local, rows=rows)
     mu, rot = torch.linalg.eigh(torch.where(ok[:, None, None], lr * local, torch.zeros_like(local)))
+    mu = mu * (max_log_step / mu.abs().amax(dim=1).clamp(min=max_log_step))[:, None]  # the trust region
     scaled = rot * roots[:, :, None]  # diag(sqrt v) R
     new_local = _sym((scaled * mu.exp()[:, None, :]) @ scaled.transpose(1, 2))
-    ok &= rows_finite(new_local)
+    ok = failures.check(step, "exponential map Exp_C", new_local, rows=rows)
     new_values, turn = torch.linalg.eigh(torch.where(ok[:, None, None], new_local, torch.diag_embed(values)))
     new_values = torch.maximum(new_values, floor[:, None])  # eigenvalues >= sigma*
     new_vectors = vectors @ turn
-    ok &= rows_finite(new_values, new_vectors)
-    return (torch.where(ok[:, None], new_values, values), torch.where(ok[:, None, None], new_vectors, vectors), ok)
+    ok = failures.check(step, "eigen-decomposition of the new C", new_values, new_vectors, rows=rows)
+    return torch.where(ok[:, None], new_values, values), torch.where(ok[:, None, None], new_vectors, vectors)
 
 
 def optimize_rddrs(
@@ -110,14 +124,17 @@ def optimize_rddrs(
     gap: str = "pa",
     classes: torch.Tensor | None = None,
     max_batch: int | None = None,
+    max_log_step: float = RDDRS_MAX_LOG_STEP,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> OptimizationResult:
     """Riemannian ascent of eq. 5 for every input of ``x`` (B, *shape) at once; returns (B, d, d) float64 ``C``.
 
-    ``C`` starts at ``sigma* I`` and keeps eigenvalues ``>= sigma*`` (scalar or (B,)). ``callback(step, C)``
-    sees ``C`` after every update (symmetric, clipped).
+    ``C`` starts at ``sigma* I`` and keeps eigenvalues ``>= sigma*`` (scalar or (B,)); an input whose gap at the
+    start is <= 0 keeps it (:func:`~smoothcert.methods.optimize.started_gap`); one step stretches ``C`` by at
+    most ``exp(max_log_step)`` (:func:`_ascent_step`).
+    ``callback(step, C)`` sees ``C`` after every update (symmetric, clipped).
     """
-    check_optimizer_arguments(x, generators, steps, lr, samples, "gaussian", gap)
+    check_optimizer_arguments(x, generators, steps, lr, samples, IsotropicGaussian, gap, max_log_step)
     b, shape = x.shape[0], tuple(x.shape[1:])
     d = int(torch.tensor(shape).prod()) if shape else 1
     x = x.detach().float()
@@ -127,9 +144,9 @@ def optimize_rddrs(
     values = floor[:, None].expand(b, d).clone()
     vectors = torch.eye(d, dtype=torch.float64, device=x.device).expand(b, d, d).clone()
     c = _compose(vectors, values)
-    finite = torch.ones(b, dtype=torch.bool, device=x.device)
+    failures = FailureLog(b, "rddrs", x.device)
     history = []
-    slots = class_slots(classes, b, x.device)
+    slots, gate = class_slots(classes, b, x.device), class_slots(None, b, x.device)
 
     group = max(1, MATRIX_GROUP_BYTES // (8 * d * d))  # inputs whose d x d matrices are updated together
     for step in range(steps):
@@ -143,24 +160,26 @@ def optimize_rddrs(
             return torch.bmm(w.reshape(n, m, d), leaf[rows]).reshape(n, m, *shape)  # rows (C w)^T, C symmetric
 
         def objective(probs: torch.Tensor, rows: slice) -> torch.Tensor:
-            return objective_gap(probs, classes_of(slots, probs, rows), "gaussian", gap) * factor[rows]
+            gaps = objective_gap(probs, classes_of(slots, probs, rows), IsotropicGaussian, gap)
+            return started_gap(gate, gaps, rows) * factor[rows]
 
-        w = standard_draws(generators, samples, shape, "gaussian", x.device)
+        w = IsotropicGaussian.standard_draws(generators, samples, shape, x.device)
         obj, (grad_c,) = objective_and_gradient(model, x, w, perturb, objective, [leaf], max_batch)
         history.append(obj)
         r = (obj / factor).double()  # R(C)
-        finite = finite & rows_finite(obj)
+        failures.check(step, "objective R(C) (P + kappa K)", obj)
+        failures.check(step, "Euclidean gradient dR/dC", grad_c)
         for g in range(0, b, group):
-            rows = slice(g, g + group)
-            values[rows], vectors[rows], finite[rows] = _ascent_step(
+            rows = slice(g, min(b, g + group))
+            values[rows], vectors[rows] = _ascent_step(
                 values[rows], vectors[rows], grad_c[rows], r[rows], geo[rows], low[rows], low_index[rows],
-                floor[rows], finite[rows], lr, kappa)
+                floor[rows], failures, rows, step, lr, kappa, max_log_step)
             c[rows] = _compose(vectors[rows], values[rows])
         if callback is not None:
             callback(step, c.clone())
     scale = c.float()
-    return finish_optimization(c, finite, history, slots, lambda: mean_probs(
-        model, x, standard_draws(generators, samples, shape, "gaussian", x.device),
+    return finish_optimization(c, failures, history, slots, lambda: mean_probs(
+        model, x, IsotropicGaussian.standard_draws(generators, samples, shape, x.device),
         lambda v, rows: torch.bmm(v.reshape(*v.shape[:2], d), scale[rows]).reshape(*v.shape[:2], *shape), max_batch))
 
 
@@ -193,8 +212,8 @@ class RDDRS(DataDependentMethod):
                                 max_batch=self.opt_batch(ctx, x, s.rddrs_samples))
         choices = []
         for i in range(x.shape[0]):
-            if not (bool(iso.finite[i]) and bool(result.finite[i])):
-                choices.append(Choice(self.base_noise(), {}, "non-finite optimization"))
+            if fallback_reason(i, iso, result):
+                choices.append(Choice(self.base_noise(), {}, fallback_reason(i, iso, result)))
                 continue
             choices.append(Choice(FullGaussian(result.params[i]), {"scale_iso": float(iso.params[i])}))
         return choices

@@ -69,6 +69,25 @@ class IsotropicGaussian(Noise):
     def __repr__(self) -> str:
         return f"IsotropicGaussian(sigma={self.sigma})"
 
+    # -- the Gaussian family's reparameterization, for the optimizers (seed 000 eq. 3.7) -------------------
+    @classmethod
+    def standard_draws(cls, generators, samples: int, shape, device="cpu") -> torch.Tensor:
+        """``(B, samples, *shape)`` float32 draws ``w ~ N(0, I)``, input ``i`` from ``generators[i]``.
+
+        Every Gaussian noise of this module is ``S w`` for such ``w`` (the reparameterization of seed 000
+        eq. 3.7). One call per input, so an input's draws do not depend on which inputs share its batch.
+        """
+        return torch.stack([torch.randn((samples, *shape), generator=g, device=device) for g in generators])
+
+    @classmethod
+    def differentiable_gap(cls, p_a: torch.Tensor, p_b: torch.Tensor | None = None) -> torch.Tensor:
+        """The Gaussian gap of probabilities in (0, 1), differentiable: ``(Phi^-1(p_A) - Phi^-1(p_B)) / 2``
+        (seed 000 eq. 3.6 / 3.12), which is ``Phi^-1(p_A)`` for ``p_B = 1 - p_A`` (``p_b=None``, the gap the
+        certificate uses, seed 000 eq. 3.3)."""
+        if p_b is None:
+            return torch.special.ndtri(p_a)
+        return 0.5 * (torch.special.ndtri(p_a) - torch.special.ndtri(p_b))
+
 
 def _positive_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
     """``t`` as sampled (float32 values in a float64 tensor); every value finite and > 0 in float32."""

@@ -98,6 +98,20 @@ class UniformDiagonal(Noise):
     def __repr__(self) -> str:
         return f"UniformDiagonal(d={self.half_width.numel()})"
 
+    # -- the uniform family's reparameterization, for the optimizers -------------------------------------
+    @classmethod
+    def standard_draws(cls, generators, samples: int, shape, device="cpu") -> torch.Tensor:
+        """``(B, samples, *shape)`` float32 draws ``w ~ U[-1, 1]^d``, input ``i`` from ``generators[i]``:
+        the noise of half-widths ``lambda`` is ``lambda * w``. One call per input (batch-independent)."""
+        return torch.stack([torch.rand((samples, *shape), generator=g, device=device).mul_(2).sub_(1)
+                            for g in generators])
+
+    @classmethod
+    def differentiable_gap(cls, p_a: torch.Tensor, p_b: torch.Tensor | None = None) -> torch.Tensor:
+        """The l1 gap, differentiable: ``p_A - p_B`` (Yang et al.'s l1 radius over the half-width), which is
+        the certificate's ``2 p_A - 1`` (:meth:`gap`) for ``p_B = 1 - p_A`` (``p_b=None``)."""
+        return 2 * p_a - 1 if p_b is None else p_a - p_b
+
 
 def uniform_tv(delta: torch.Tensor, half_width: torch.Tensor) -> torch.Tensor:
     """Exact total variation between ``U[x +- lambda]`` and ``U[x + delta +- lambda]`` (rows of ``delta``).
