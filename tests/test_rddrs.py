@@ -214,7 +214,7 @@ def test_fall_back_is_rare_on_a_toy_set_and_every_reason_says_what_and_when():
     labels = torch.tensor([test[i][1] for i in range(40)])
     ctx = RunContext(model, 2, 20, 200, 0.01, 4000, torch.float32, 0, torch.device("cpu"))
     method = RDDRS(3.0, samples=50, dds_steps=20, steps=30, rddrs_samples=200, memory=False)
-    rows = method.certify(ctx, x, labels, list(range(40)))
+    rows = method.certify_rows(ctx, x, labels, list(range(40)))
     reasons = [r["fallback"] for r in rows if r["fallback"] != "none"]
     assert len(reasons) <= 0.02 * len(rows), reasons
     pattern = re.compile(r"non-finite optimization: (dds|rddrs) step \d+: .+ not finite")
