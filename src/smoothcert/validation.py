@@ -22,6 +22,12 @@ def check_positive(name: str, value: float) -> float:
     return Number(0.0, low_open=True).check(name, value)
 
 
+def check_number(name: str, value: float, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """A finite number in the interval from ``low`` to ``high`` (ends included unless ``*_open``)."""
+    return Number(low, high, low_open=low_open, high_open=high_open).check(name, value)
+
+
 def check_count(name: str, value: int, minimum: int = 1) -> int:
     """A whole number of samples (or batch size) at least ``minimum``."""
     return Integer(minimum).check(name, value)

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from smoothcert.validation import check_count
 from torch.utils.data import Dataset
 
 __all__ = ["DATASETS", "DatasetInfo", "SmoothingDataset", "load_dataset", "make_toy", "read_cifar10_batch"]
@@ -250,8 +252,7 @@ def make_toy(name: str, num_points: int, seed: int = 0) -> tuple[np.ndarray, np.
     """
     if name not in _TOY_SIZES:
         raise ValueError(f"unknown toy data set {name!r}; known: {', '.join(_TOY_SIZES)}")
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-        raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}")
+    check_count("num_points", num_points)
     rng = np.random.default_rng(seed)
     k = DATASETS[name].num_classes
     counts = [num_points // k + (c < num_points % k) for c in range(k)]

@@ -59,6 +59,7 @@ from smoothcert.geometry.intersection import intersects_each
 from smoothcert.geometry.regions import Ball, Region
 from smoothcert.methods.memory_files import (IDENTITY_KEYS, atomic_write, fingerprint_of, fsync_replace, own_copy,
                                              plain_config, rebuild_region, why_other_run)
+from smoothcert.validation import check_count
 
 __all__ = ["CertificationMemory", "MemoryRecord", "KEPT", "SHRUNK", "ABSTAINED", "IDENTITY_KEYS", "fingerprint_of"]
 
@@ -108,10 +109,8 @@ class CertificationMemory:
             if len(set(order)) != len(order):
                 raise ValueError("order lists a dataset index twice: each input is processed once")
         self.order: list[int] | None = order
-        if isinstance(autosave, bool) or not isinstance(autosave, int) or autosave < 1:
-            raise ValueError(f"autosave (records between writes) must be an integer >= 1, got {autosave!r}")
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be an integer >= 1, got {chunk_bytes!r}")
+        check_count("autosave (records between writes)", autosave)
+        check_count("chunk_bytes", chunk_bytes)
         self._path = None if path is None else Path(path)
         self._autosave, self._chunk_bytes = autosave, chunk_bytes
         self.device = None if device is None else torch.device(device)

@@ -29,6 +29,7 @@ import torch
 
 from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.noise.uniform import UniformDiagonal
+from smoothcert.validation import check_count, check_number, check_positive
 
 __all__ = [
     "FAMILIES", "GAPS", "CLAMP", "MAX_LOG_STEP", "NotDifferentiable", "check_optimizer_arguments",
@@ -130,13 +131,10 @@ def check_optimizer_arguments(x: torch.Tensor, generators: Sequence, steps: int,
         raise ValueError("x must be a non-empty floating-point batch (B, *input_shape), pixels in [0, 1]")
     if len(generators) != x.shape[0]:
         raise ValueError(f"got {len(generators)} generators for {x.shape[0]} inputs (one per input)")
-    for label, value, low in (("steps", steps, 0), ("samples", samples, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"the learning rate must be a finite number >= 0, got {lr!r}")
-    if isinstance(max_log_step, bool) or not isinstance(max_log_step, (int, float)) or not 0 < max_log_step < math.inf:
-        raise ValueError(f"max_log_step must be a finite number > 0, got {max_log_step!r}")
+    check_count("steps", steps, minimum=0)
+    check_count("samples", samples)
+    check_number("the learning rate", lr, low=0.0)
+    check_positive("max_log_step", max_log_step)
     noise_family(family)
     if gap not in GAPS:
         raise ValueError(f"objective gap must be one of {', '.join(GAPS)}, got {gap!r}")

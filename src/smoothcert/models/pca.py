@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from smoothcert.models.architectures import register_wrapper, wrap_model
+from smoothcert.validation import check_number, check_positive
 
 __all__ = ["PCAProjection", "ProjectedModel", "fit_pca", "add_pca"]
 
@@ -96,10 +97,7 @@ class ProjectedModel(nn.Module):
 
 
 def _check_fraction(fraction: float) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) \
-            or fraction < 0:
-        raise ValueError(f"fraction (of the noise variance sigma^2) must be a finite number >= 0, got {fraction!r}")
-    return float(fraction)
+    return check_number("fraction (of the noise variance sigma^2)", fraction, low=0.0)
 
 
 def fit_pca(inputs: torch.Tensor, sigma: float, fraction: float = 0.2, *, chunk: int = 8192) -> PCAProjection:
@@ -113,8 +111,7 @@ def fit_pca(inputs: torch.Tensor, sigma: float, fraction: float = 0.2, *, chunk:
         raise TypeError("inputs must be a floating tensor (N, *input_shape)")
     if inputs.shape[0] < 2:
         raise ValueError(f"PCA needs at least 2 inputs, got {inputs.shape[0]}")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be a finite number > 0 (input units), got {sigma!r}")
+    check_positive("sigma (input units)", sigma)
     fraction = _check_fraction(fraction)
     n = inputs.shape[0]
     flat = inputs.reshape(n, -1)

@@ -188,8 +188,7 @@ def train(
     check_positive("lr", lr)
     if clip_grad_norm is not None:
         check_positive("clip_grad_norm", clip_grad_norm)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_count("seed", seed, minimum=0)
     if len(train_set) == 0:
         raise ValueError("the training set is empty")
     if optimizer not in OPTIMIZERS:

@@ -41,7 +41,7 @@ from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.engine.smooth import ABSTAIN, certify
 from smoothcert.stats.bounds import clopper_pearson_lower
 from smoothcert.methods.firstorder.subspace import Subspace, SubspaceGeometry
-from smoothcert.validation import check_alpha, check_count, check_positive
+from smoothcert.validation import check_alpha, check_count, check_number, check_positive
 
 __all__ = ["NORMS", "Subspace", "SubspaceGeometry", "FirstOrderCertificate", "FirstOrderPlan", "certify_first_order"]
 
@@ -103,8 +103,8 @@ class FirstOrderPlan:
         the Clopper-Pearson bound of ``p_A`` above 1/2 at ``alpha_p`` (else every input would abstain)."""
         alpha = check_alpha(alpha)
         check_count("n", n)
-        if isinstance(alpha_split, bool) or not isinstance(alpha_split, (int, float)) or not 0 < alpha_split < 1:
-            raise ValueError(f"alpha_split (share of alpha for the p_A bound) must lie in (0, 1), got {alpha_split!r}")
+        check_number("alpha_split (share of alpha for the p_A bound)", alpha_split, 0.0, 1.0, low_open=True,
+                     high_open=True)
         if n // 2 < 2:
             raise ValueError(f"n={n} is too small for first-order certification: each of the two halves needs at "
                              "least 2 samples (n >= 4)")
