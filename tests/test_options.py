@@ -31,7 +31,7 @@ OLD_OPTIONS = {
     "--norms": ("l2", "l1", "linf"), "--subspace": None, "--alpha-split": 0.5,
 }
 #: Options added since, with their defaults (a default keeps the earlier behaviour).
-NEW_OPTIONS = {"--ancer-constraint": "elementwise"}
+NEW_OPTIONS = {"--ancer-constraint": "elementwise", "--compare-base": 0}
 OPTIONS = {**OLD_OPTIONS, **NEW_OPTIONS}
 
 
@@ -166,7 +166,8 @@ def test_resume_refuses_changed_settings_and_names_them(checkpoint, tmp_path, ca
     assert main(certify_args(checkpoint, out, *DDS_FAST)) == 0
     sidecar = json.loads((tmp_path / "d.tsv.json").read_text())
     assert sidecar["method"] == {"name": "dds", "sigma": 0.25, "opt_samples": 4, "opt_batch_size": None,
-                                 "opt_gap": "pa", "dds_steps": 1, "dds_lr": 0.04, "norm": "l2", "memory": True}
+                                 "opt_gap": "pa", "dds_steps": 1, "dds_lr": 0.04, "norm": "l2", "memory": True,
+                                 "compare_base": 0}
     before = out.read_text()
     capsys.readouterr()
     assert main(certify_args(checkpoint, out, *DDS_FAST, "--dds-steps", "2", "--no-memory")) == 2

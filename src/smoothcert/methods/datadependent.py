@@ -44,6 +44,7 @@ import torch
 
 from smoothcert.engine.smooth import Certificate, certify
 from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
+from smoothcert.methods.compare_base import compare_with_base
 from smoothcert.methods.memory_replay import RunMemory
 from smoothcert.methods.noise_store import NoiseStore
 from smoothcert.methods.optimize import (CPU_PASS_VALUES, GAPS, NotDifferentiable, OptimizationResult, cpu_pass_size,
@@ -79,6 +80,10 @@ class DataDependentSettings(Settings):
     dds_lr: float = number(0.04, low=0.0, help="learning rate of the DDS stage")
     norm: str = norm_setting("l2", "l1")
     memory: bool = switch(True, help="skip memory-based certification (unsound across inputs; for ablations only)")
+    compare_base: int = integer(
+        0, low=0, help="samples per candidate on separate streams to compare the optimized noise with the base "
+                       "noise at --sigma by the proxy radius certifiable at --n; the larger is certified (0: "
+                       "always the optimized noise)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -103,10 +108,13 @@ class DataDependentMethod(CertifyMethod):
     noise), ``norm`` (l2 or l1), ``radius_norm`` (radius of the largest ball *of that norm* inside the final
     region: equal to ``radius`` for l2; for l1 the smallest semi-axis ``gap * min lambda``, while ``radius``
     stays the l2 inscribed radius), ``memory`` (kept / shrunk / abstained; ``off`` without memory; ``n/a`` when
-    certification abstained) and ``fallback`` (``none`` or why the isotropic noise at sigma_0 was used).
+    certification abstained), ``fallback`` (``none`` or why the isotropic noise at sigma_0 was used) and
+    ``noise_kept`` (``optimized``, or ``base`` where ``--compare-base`` chose the noise at sigma_0,
+    :mod:`.compare_base`).
     """
 
-    columns = ("sigma", "scale_iso", "min_scale", "max_scale", "norm", "radius_norm", "memory", "fallback")
+    columns = ("sigma", "scale_iso", "min_scale", "max_scale", "norm", "radius_norm", "memory", "fallback",
+               "noise_kept")
     settings_type = DataDependentSettings
     keywords = {"samples": "opt_samples", "gap": "opt_gap", "max_batch": "opt_batch_size"}
 
@@ -167,6 +175,15 @@ class DataDependentMethod(CertifyMethod):
     def fallback_choices(self, b: int, reason: str) -> list[Choice]:
         return [Choice(self.base_noise(), {}, reason) for _ in range(b)]
 
+    def keep_better(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int], choices: list[Choice]
+                    ) -> list[Choice]:
+        """``--compare-base``: replace an optimized noise by the base noise where the base is expected to certify
+        a larger proxy radius at the run's ``n`` (:func:`~.compare_base.compare_with_base`, separate streams)."""
+        base = compare_with_base(ctx, x, indices, [c.noise for c in choices], self.base_noise(),
+                                 self.settings.compare_base)
+        return [Choice(self.base_noise(), {**c.extra, "noise_kept": "base"}, c.fallback) if use_base and
+                c.fallback == "none" else c for c, use_base in zip(choices, base)]
+
     # -- certify -------------------------------------------------------------------------------------------
     def certify(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
                 ) -> list[MethodRecord]:
@@ -174,6 +191,8 @@ class DataDependentMethod(CertifyMethod):
             choices = self.choose(ctx, x, indices)
         except NotDifferentiable as e:
             choices = self.fallback_choices(x.shape[0], "not-differentiable: " + " ".join(str(e).split()))
+        if self.settings.compare_base:
+            choices = self.keep_better(ctx, x, indices, choices)
         certs = certify(ctx.model, x, [c.noise for c in choices], ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
                         batch_size=ctx.batch_size, block=ctx.block, generators=ctx.certify_generators(indices),
                         dtype=ctx.dtype, seed=ctx.seed)
@@ -210,7 +229,8 @@ class DataDependentMethod(CertifyMethod):
             memory = "n/a" if cert.abstained else decision.action
         fields = {"sigma": self.sigma, "scale_iso": float(extra.pop("scale_iso", float("nan"))),
                   "min_scale": float(scales.min()), "max_scale": float(scales.max()), "norm": self.norm,
-                  "radius_norm": radius_norm, "memory": memory, "fallback": chosen.fallback}
+                  "radius_norm": radius_norm, "memory": memory, "fallback": chosen.fallback,
+                  "noise_kept": "optimized" if chosen.fallback == "none" else "base"}
         fields.update({k: v for k, v in extra.items() if k in self.columns})
         return {column: fields.get(column, "none") for column in self.columns}
 
