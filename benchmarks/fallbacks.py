@@ -54,6 +54,7 @@ def summarize(path: Path, sigma: float, radii: tuple[float, float], seconds: flo
     return {"inputs": len(rows), "fallbacks": sum(reasons.values()),
             "reasons": ", ".join(f"{k} {v}" for k, v in reasons.items()) or "-",
             "floor": sum(s <= sigma / 100 * (1 + 1e-6) for s in scale), "above1": sum(s > 1 for s in scale),
+            "base_kept": sum(r.get("noise_kept") == "base" and r.get("fallback") == "none" for r in rows),
             "median_proxy": statistics.median(proxy) if proxy else 0.0, "acc": acc,
             "seconds": (seconds / len(rows)) if seconds and rows else float("nan")}
 
@@ -73,8 +74,8 @@ def main() -> None:
                     help="further certify options for every method (e.g. --compare-base 1000)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = ["| set | method | inputs | fall-backs (reasons) | scale at floor | scale > 1 | median proxy | "
-             "acc@r1 | acc@r2 | s/input |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| set | method | inputs | fall-backs (reasons) | scale at floor | scale > 1 | base kept | median proxy | "
+             "acc@r1 | acc@r2 | s/input |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in args.sets:
         checkpoint = model_for(name, args.out, args.sigma)
         radii = SETS[name][3]
@@ -90,7 +91,7 @@ def main() -> None:
                 raise SystemExit(code)
             s = summarize(out, args.sigma, radii, time.perf_counter() - t0)
             lines.append(f"| {name} | {method}{' ' + ' '.join(args.extra) if args.extra else ''} | {s['inputs']} | {s['fallbacks']} ({s['reasons']}) | {s['floor']} | "
-                         f"{s['above1']} | {s['median_proxy']:.3f} | {s['acc'][0]:.2f} (r {radii[0]}) | "
+                         f"{s['above1']} | {s['base_kept']} | {s['median_proxy']:.3f} | {s['acc'][0]:.2f} (r {radii[0]}) | "
                          f"{s['acc'][1]:.2f} (r {radii[1]}) | {s['seconds']:.2f} |")
             print(lines[-1], flush=True)
     table = "\n".join(lines)
