@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from smoothcert.engine.sampling import DTYPES, sample_counts
+from smoothcert.engine.sampling import sample_counts
+from smoothcert.engine.smooth import ABSTAIN, dtype_name
 from smoothcert.geometry.regions import Ball
 from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
 from smoothcert.methods.records import MethodRecord
@@ -47,7 +48,6 @@ from smoothcert.validation import (check_alpha, check_count, check_inputs, check
 __all__ = ["TopKSettings", "TopK", "TopKCertificate", "TopKPrediction", "certify_topk", "predict_topk",
            "format_set", "LABELS"]
 
-ABSTAIN = -1
 #: Which label CERTIFY certifies: the input's own (the paper's evaluation) or the selected top class.
 LABELS = ("label", "selected")
 
@@ -124,8 +124,7 @@ def _check(model, x, num_classes, k, alpha, batch_size, dtype, range_policy) -> 
     k = check_top_k(k, num_classes)
     check_alpha(alpha)
     check_count("batch_size", batch_size)
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    dtype_name(dtype)
     check_inputs(x, range_policy=range_policy)
     if x.ndim < 2:
         raise ValueError(f"x must be a batch (B, *input_shape), got shape {tuple(x.shape)}")
@@ -139,10 +138,6 @@ def _pairs(generators, size: int) -> tuple[list, list]:
     if len(gens) != size or not all(isinstance(g, (tuple, list)) and len(g) == 2 for g in gens):
         raise ValueError(f"give one (selection, estimation) pair of generators per input ({size} inputs)")
     return [g[0] for g in gens], [g[1] for g in gens]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def certify_topk(
@@ -194,7 +189,7 @@ def certify_topk(
         out.append(TopKCertificate(int(y[i]) if certified else ABSTAIN, int(y[i]), k, tuple(int(c) for c in sets[i]),
                                    float(p_lower[i]), float(p_upper[i].max()), r if certified else 0.0,
                                    r / noise.sigma_sampled if certified else float("nan"), counts[i], n0, n, alpha,
-                                   alpha / num_classes, _dtype_name(dtype), noise.sigma, seed))
+                                   alpha / num_classes, dtype_name(dtype), noise.sigma, seed))
     return out
 
 
