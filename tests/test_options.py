@@ -31,7 +31,7 @@ OLD_OPTIONS = {
     "--norms": ("l2", "l1", "linf"), "--subspace": None, "--alpha-split": 0.5,
 }
 #: Options added since, with their defaults (a default keeps the earlier behaviour).
-NEW_OPTIONS = {"--ancer-constraint": "elementwise", "--compare-base": 0}
+NEW_OPTIONS = {"--ancer-constraint": "elementwise", "--compare-base": 0, "--top-k": 1, "--topk-label": "label"}
 OPTIONS = {**OLD_OPTIONS, **NEW_OPTIONS}
 
 

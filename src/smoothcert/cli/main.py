@@ -13,7 +13,7 @@ import torch
 
 from smoothcert.cli.common import load_base_classifier, resolve_device
 from smoothcert.cli.demo import run_demo
-from smoothcert.cli.options import add_method_options, build_method
+from smoothcert.cli.options import add_method_options, build_method, dest_of
 from smoothcert.cli.runner import CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, run_dataset, select_indices
 from smoothcert.cli.train import add_train_arguments, run_train
 from smoothcert.engine.sampling import DTYPES, input_generator
@@ -21,7 +21,10 @@ from smoothcert.engine.smooth import predict
 import smoothcert.methods  # noqa: F401  (registers every built-in method)
 from smoothcert.methods.base import COMMON_COLUMNS, CertifyMethod, RunContext, method_class
 from smoothcert.methods.records import Prediction
+from smoothcert.methods.topk import predict_topk
 from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.settings import flag_of, setting_fields
+from smoothcert.stats.topk import check_top_k
 
 
 def _compilable() -> list[str]:
@@ -64,6 +67,19 @@ def _check_compile(args, method: type[CertifyMethod] | None) -> None:
                          f"--method {method.name} differentiates through the model")
 
 
+def _check_method_options(args, method: type[CertifyMethod]) -> None:
+    """A method option given on the command line that ``--method`` does not take is an error, not ignored."""
+    taken = {dest_of(f) for f in setting_fields(method.settings_type)}
+    owners: dict[str, tuple[str, list[str]]] = {}
+    for cls in CertifyMethod.registry.values():
+        for f in setting_fields(cls.settings_type):
+            owners.setdefault(dest_of(f), (flag_of(f), []))[1].append(cls.name)
+    for dest, (flag, names) in owners.items():
+        if dest not in taken and getattr(args, dest, None) is not None:
+            raise ValueError(f"{flag} is a setting of --method {', '.join(sorted(names))}, not of --method "
+                             f"{method.name}: add --method {sorted(names)[0]} or leave {flag} out")
+
+
 def _setup(args, method: type[CertifyMethod] | None = None):
     from smoothcert.data.datasets import load_dataset
 
@@ -96,8 +112,10 @@ def _setup(args, method: type[CertifyMethod] | None = None):
 
 def cmd_certify(args) -> int:
     cls = method_class(args.method)
+    _check_method_options(args, cls)
     device, model, num_classes, _, indices, inputs, run = _setup(args, cls)
     method = build_method(cls, args)
+    method.check_classes(num_classes)
     identity = {"checkpoints": [c["sha256"] for c in run["checkpoints"]], "dataset": run["dataset"],
                 "split": run["split"]}
     ctx = RunContext(model, num_classes, args.n0, args.n, args.alpha, args.batch_size, DTYPES[args.dtype],
@@ -120,14 +138,20 @@ def cmd_predict(args) -> int:
     noise = IsotropicGaussian(args.sigma)
     dtype = DTYPES[args.dtype]
     block = max(1, args.batch_size // args.inputs_per_batch)
+    top_k = None if args.top_k is None else check_top_k(args.top_k, num_classes)
 
     def process(x, labels, idx):
         gens = [input_generator(args.seed, i, "predict", device) for i in idx]
-        out = predict(model, x, noise, num_classes, args.n, args.alpha, batch_size=args.batch_size, block=block,
-                      generators=gens, dtype=dtype)
+        kw = dict(batch_size=args.batch_size, block=block, generators=gens, dtype=dtype)
+        if top_k is not None:  # the top-k set of Jia et al., with a simultaneous test (methods.topk)
+            return predict_topk(model, x, noise, num_classes, top_k, args.n, args.alpha, **kw)
+        out = predict(model, x, noise, num_classes, args.n, args.alpha, **kw)
         return [Prediction(int(c)) for c in out]
 
-    results = ResultsFile(Path(args.out), PREDICT_COLUMNS, {"command": "predict", **run, "sigma": args.sigma})
+    columns, config = PREDICT_COLUMNS, {"command": "predict", **run, "sigma": args.sigma}
+    if top_k is not None:
+        columns, config = PREDICT_COLUMNS + ("top_k", "topk_set"), {**config, "top_k": top_k}
+    results = ResultsFile(Path(args.out), columns, config)
     run_dataset(results, inputs, indices, process, inputs_per_batch=args.inputs_per_batch,
                 progress=not args.no_progress)
     print(f"wrote {results.path} ({len(indices)} inputs) and {results.sidecar}")
@@ -182,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="PREDICT (with abstention) over a data set split; resumable TSV results")
     _common(p, certify=False)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="predict the set of the K classes of largest smoothed probability (1 <= K < number of "
+                        "classes), or abstain, by a simultaneous test of all classes (Jia et al., ICLR 2020)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="tables (Markdown or LaTeX) and a plot from results files")

@@ -174,6 +174,33 @@ def norm_tables(results: Sequence[Results], radii: dict[str, Sequence[float]], *
     return "\n\n".join(parts)
 
 
+def topk_tables(results: Sequence[Results], radii: Sequence[float], *, latex: bool = False) -> str:
+    """Top-k logs (a ``top_k`` column; Jia et al., ICLR 2020): certified top-k accuracy at ``radii`` for CERTIFY
+    (``--method topk``: the share of inputs whose label is certified among the top k with radius ``>= r``; with
+    ``topk_label = selected``, the selected class, which must also be the label), and for PREDICT (``--top-k``) the
+    share of inputs whose label is in the returned set, and the abstention rate."""
+    certify_rows, predict_rows = [], []
+    for res in results:
+        if "top_k" not in res.columns or not res.columns["top_k"]:
+            continue
+        k = ",".join(sorted(set(res.columns["top_k"]), key=int))
+        if "radius" in res.columns:
+            mode = ",".join(sorted(set(res.columns.get("topk_label", ["label"]))))
+            acc = certified_accuracy(res.radius, res.correct, radii)
+            certify_rows.append([res.name, k, mode] + [f"{a:.3f}" for a in acc]
+                                + [f"{average_certified_radius(res.radius, res.correct):.3f}"])
+        elif "topk_set" in res.columns:
+            inside = [str(y) in s.split(",") for y, s in zip(res.label.tolist(), res.columns["topk_set"])]
+            predict_rows.append([res.name, k, str(len(res)), f"{np.mean(inside):.3f}", f"{np.mean(res.predict == -1):.3f}"])
+    parts = []
+    if certify_rows:
+        parts.append(_table(["top-k CERTIFY", "k", "label"] + [f"r={r:g}" for r in radii] + ["ACR"], certify_rows,
+                            latex))
+    if predict_rows:
+        parts.append(_table(["top-k PREDICT", "k", "inputs", "label in set", "abstain"], predict_rows, latex))
+    return "\n\n".join(parts)
+
+
 def plot_curves(results: Sequence[Results], path: str | Path, *, proxy: bool = False) -> Path:
     """Write a PNG of certified accuracy against radius, one curve per results file."""
     import matplotlib
@@ -230,6 +257,9 @@ def report(files: Sequence[str | Path], *, radii: Sequence[float] = (0.0, 0.25, 
     text = summary_table(results, radii, latex=latex, proxy=proxy)
     if baseline is not None:
         text += "\n\n" + improvement_table(results, load_results(baseline), latex=latex)
+    per_k = topk_tables(results, radii, latex=latex)
+    if per_k:
+        text += "\n\n" + per_k
     per_norm = norm_tables(results, {"l2": radii, "l1": radii, "linf": [r / 28 for r in radii], **(norm_radii or {})},
                            latex=latex)
     if per_norm:

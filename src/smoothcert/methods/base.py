@@ -135,6 +135,9 @@ class CertifyMethod(ABC):
     def check_sampling(self, n: int | None = None, alpha: float | None = None) -> None:
         """Check, before any sampling, that the run's ``n`` and ``alpha`` suit the settings (default: any)."""
 
+    def check_classes(self, num_classes: int) -> None:
+        """Check, before any sampling, that the settings suit a classifier of ``num_classes`` classes (default: any)."""
+
     @abstractmethod
     def certify(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
                 ) -> list[MethodRecord]:
