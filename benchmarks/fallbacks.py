@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2500)
     ap.add_argument("--tag", default="", help="suffix of the results files (runs with other --extra options)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                    help="further certify options for every method (e.g. --compare-base 1000)")
+                    help="further certify options for the data-dependent methods (e.g. --compare-base 1000)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lines = ["| set | method | inputs | fall-backs (reasons) | scale at floor | scale > 1 | base kept | median proxy | "
@@ -86,7 +86,8 @@ def main() -> None:
                         "--sigma", str(args.sigma), "--n0", "100", "--n", str(args.n), "--alpha", "0.001",
                         "--batch-size", str(args.batch_size), "--inputs-per-batch", str(args.inputs_per_batch),
                         "--seed", "0", "--out", str(out), "--no-progress"]
-                       + (["--max", str(args.max)] if args.max is not None else []) + args.extra)
+                       + (["--max", str(args.max)] if args.max is not None else [])
+                       + (args.extra if method != "fixed" else []))
             if code:
                 raise SystemExit(code)
             s = summarize(out, args.sigma, radii, time.perf_counter() - t0)
