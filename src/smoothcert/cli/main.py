@@ -21,7 +21,7 @@ from smoothcert.engine.smooth import predict
 import smoothcert.methods  # noqa: F401  (registers every built-in method)
 from smoothcert.methods.base import COMMON_COLUMNS, CertifyMethod, RunContext, method_class
 from smoothcert.methods.records import Prediction
-from smoothcert.noise.gaussian import IsotropicGaussian
+from smoothcert.noise.discrete import SAMPLINGS, gaussian_noise
 
 
 def _compilable() -> list[str]:
@@ -64,6 +64,20 @@ def _check_compile(args, method: type[CertifyMethod] | None) -> None:
                          f"--method {method.name} differentiates through the model")
 
 
+def _check_sampling(args, method: type[CertifyMethod]) -> None:
+    """``--sampling sound`` only for methods whose settings choose the sampling (isotropic Gaussian noise)."""
+    if getattr(args, "sampling", None) == "sound" and "sampling" not in method.settings_type.field_names():
+        able = sorted(n for n, c in CertifyMethod.registry.items() if "sampling" in c.settings_type.field_names())
+        raise ValueError(f"--sampling sound needs a method with one isotropic Gaussian noise ({', '.join(able)}); "
+                         f"--method {method.name} samples in floating point only")
+
+
+def _check_inputs(check, dataset, indices, chunk: int = 1000) -> None:
+    """Every selected input passes ``check`` (e.g. lies on sound sampling's grid), before any file is written."""
+    for start in range(0, len(indices), chunk):
+        check(dataset.batch(indices[start:start + chunk])[0])
+
+
 def _setup(args, method: type[CertifyMethod] | None = None):
     from smoothcert.data.datasets import load_dataset
 
@@ -96,8 +110,10 @@ def _setup(args, method: type[CertifyMethod] | None = None):
 
 def cmd_certify(args) -> int:
     cls = method_class(args.method)
-    device, model, num_classes, _, indices, inputs, run = _setup(args, cls)
+    _check_sampling(args, cls)
+    device, model, num_classes, dataset, indices, inputs, run = _setup(args, cls)
     method = build_method(cls, args)
+    _check_inputs(method.check_inputs, dataset, indices)
     identity = {"checkpoints": [c["sha256"] for c in run["checkpoints"]], "dataset": run["dataset"],
                 "split": run["split"]}
     ctx = RunContext(model, num_classes, args.n0, args.n, args.alpha, args.batch_size, DTYPES[args.dtype],
@@ -116,8 +132,9 @@ def cmd_certify(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    device, model, num_classes, _, indices, inputs, run = _setup(args)
-    noise = IsotropicGaussian(args.sigma)
+    device, model, num_classes, dataset, indices, inputs, run = _setup(args)
+    noise = gaussian_noise(args.sigma, args.sampling)
+    _check_inputs(noise.check_support, dataset, indices)
     dtype = DTYPES[args.dtype]
     block = max(1, args.batch_size // args.inputs_per_batch)
 
@@ -125,9 +142,10 @@ def cmd_predict(args) -> int:
         gens = [input_generator(args.seed, i, "predict", device) for i in idx]
         out = predict(model, x, noise, num_classes, args.n, args.alpha, batch_size=args.batch_size, block=block,
                       generators=gens, dtype=dtype)
-        return [Prediction(int(c)) for c in out]
+        return [Prediction(int(c), noise.sampling) for c in out]
 
-    results = ResultsFile(Path(args.out), PREDICT_COLUMNS, {"command": "predict", **run, "sigma": args.sigma})
+    results = ResultsFile(Path(args.out), PREDICT_COLUMNS + ("sampling",),
+                          {"command": "predict", **run, "sigma": args.sigma, "sampling": args.sampling})
     run_dataset(results, inputs, indices, process, inputs_per_batch=args.inputs_per_batch,
                 progress=not args.no_progress)
     print(f"wrote {results.path} ({len(indices)} inputs) and {results.sidecar}")
@@ -182,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="PREDICT (with abstention) over a data set split; resumable TSV results")
     _common(p, certify=False)
+    p.add_argument("--sampling", choices=SAMPLINGS, default="float",
+                   help="float: Gaussian noise in floating point (default); sound: the Gaussian rounded onto the "
+                        "8-bit grid k/255, drawn exactly from integer random bits (inputs must lie on the grid)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="tables (Markdown or LaTeX) and a plot from results files")
