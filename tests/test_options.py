@@ -219,6 +219,7 @@ def test_sound_sampling_is_refused_where_it_does_not_apply(checkpoint, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sound_sampling_rows_say_sound(tmp_path):
     torch.manual_seed(0)
     model = tmp_path / "mnist"

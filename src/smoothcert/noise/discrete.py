@@ -152,7 +152,7 @@ class DiscretizedGaussian(Noise):
         self._threshold = torch.tensor(threshold, dtype=torch.int64)
         self._pick = torch.tensor([as_noise[v] for c in range(outcomes) for v in (alias[c], c)], dtype=torch.int32)
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._buffers: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+        self._buffers: dict[torch.device, list[torch.Tensor]] = {}
 
     # -- what the certificate costs ----------------------------------------------------------------------
     @property
@@ -183,12 +183,12 @@ class DiscretizedGaussian(Noise):
 
     def _work(self, count: int, device: torch.device) -> list[torch.Tensor]:
         """Reused buffers for ``count`` draws (fresh large allocations cost page faults on every block)."""
-        key = (device, count)
-        if key not in self._buffers:
-            self._buffers.clear()
-            self._buffers[key] = [torch.empty(count, dtype=torch.int64, device=device) for _ in range(3)] + [
+        held = self._buffers.get(device)
+        if held is None or held[0].numel() < count:
+            held = [torch.empty(count, dtype=torch.int64, device=device) for _ in range(3)] + [
                 torch.empty(count, dtype=torch.int32, device=device)]
-        return self._buffers[key]
+            self._buffers[device] = held
+        return [b[:count] for b in held]
 
     def _draw(self, count: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """:meth:`noise_values` into a reused buffer (valid until the next draw of this noise)."""
@@ -224,7 +224,8 @@ class DiscretizedGaussian(Noise):
             at = int(torch.nonzero(bad.reshape(-1))[0])
             raise ValueError(f"sound sampling needs inputs on the grid k/{self.levels} (k in 0..{self.levels}, pixels "
                              f"in [0, 1]); value {float(xd.reshape(-1)[at])!r} at flat position {at} is not (off by "
-                             f"{float(off.reshape(-1)[at]):.3g} grid steps): use --sampling float for such inputs")
+                             f"{float(off.reshape(-1)[at]):.3g} grid steps); float sampling (IsotropicGaussian, --sampling "
+                             "float) takes any input")
 
     def perturb_(self, out, x, generator=None, noise_out=None):
         self.check_buffer(out)
