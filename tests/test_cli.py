@@ -44,7 +44,7 @@ def test_train_certify_report(checkpoint, tmp_path, capsys):
     assert {"radius_proxy", "p_lower", "gap", "method", "dtype", "sigma"} <= set(header)
     assert len(out.read_text().splitlines()) == 61
     sidecar = json.loads((tmp_path / "r.tsv.json").read_text())
-    assert sidecar["method"] == {"name": "fixed", "sigma": 0.25} and sidecar["seed"] == 3
+    assert sidecar["method"] == {"name": "fixed", "sigma": 0.25, "sampling": "float"} and sidecar["seed"] == 3
     assert sidecar["checkpoints"][0]["sha256"]
     capsys.readouterr()
     assert main(["report", str(out), "--plot", str(tmp_path / "p.png"), "--latex"]) == 0
@@ -106,7 +106,8 @@ def test_predict_writes_cohen_columns(checkpoint, tmp_path):
     assert main(["predict", "--checkpoint", str(checkpoint), "--n", "500", "--alpha", "0.01", "--max", "20",
                  "--out", str(out), "--no-progress"]) == 0
     rows = [r.split("\t") for r in out.read_text().splitlines()]
-    assert rows[0] == ["idx", "label", "predict", "correct", "time"] and len(rows) == 21
+    assert rows[0] == ["idx", "label", "predict", "correct", "time", "sampling"] and len(rows) == 21
+    assert {r[5] for r in rows[1:]} == {"float"}
     assert sum(int(r[3]) for r in rows[1:]) >= 12  # a trained toy model is mostly right
 
 

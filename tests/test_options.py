@@ -31,7 +31,8 @@ OLD_OPTIONS = {
     "--norms": ("l2", "l1", "linf"), "--subspace": None, "--alpha-split": 0.5,
 }
 #: Options added since, with their defaults (a default keeps the earlier behaviour).
-NEW_OPTIONS = {"--ancer-constraint": "elementwise", "--compare-base": 0, "--top-k": 1, "--topk-label": "label"}
+NEW_OPTIONS = {"--ancer-constraint": "elementwise", "--compare-base": 0, "--top-k": 1, "--topk-label": "label",
+               "--sampling": "float"}
 OPTIONS = {**OLD_OPTIONS, **NEW_OPTIONS}
 
 
@@ -185,7 +186,7 @@ def test_rows_of_the_results_file_are_the_certificates_columns(checkpoint, tmp_p
     lines = [line.split("\t") for line in out.read_text().splitlines()]
     header, rows = lines[0], [dict(zip(lines[0], r)) for r in lines[1:]]
     assert header == ["idx", "label", "predict", "radius", "correct", "time", "radius_proxy", "p_lower", "gap", "n",
-                      "method", "dtype", "sigma"]
+                      "method", "dtype", "sampling", "sigma"]
     from smoothcert.cli.common import load_base_classifier
     from smoothcert.data.datasets import load_dataset
 
@@ -202,6 +203,39 @@ def test_rows_of_the_results_file_are_the_certificates_columns(checkpoint, tmp_p
                               ("gap", c.gap)):
             assert float(row[column]) == value or (math.isnan(value) and row[column] == "nan")
         assert (int(row["n"]), row["method"], row["dtype"], float(row["sigma"])) == (100, "fixed", "float32", 0.3)
+        assert row["sampling"] == "float"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--sampling", "sound"), "sound sampling needs inputs on the grid k/255"),  # the toy data are not pixels
+    (("--sampling", "sound", *DDS_FAST), "--sampling sound needs a method with one isotropic Gaussian noise (fixed)"),
+    (("--sampling", "sound", "--method", "first-order"), "--method first-order samples in floating point only"),
+])
+def test_sound_sampling_is_refused_where_it_does_not_apply(checkpoint, tmp_path, capsys, argv, message):
+    assert main(certify_args(checkpoint, tmp_path / "s.tsv", *argv)) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    predict_argv = ["predict", "--checkpoint", str(checkpoint), "--n", "10", "--out", str(tmp_path / "p.tsv"),
+                    "--sampling", "sound", "--no-progress"]
+    assert main(predict_argv) == 2 and "grid k/255" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sound_sampling_rows_say_sound(tmp_path):
+    torch.manual_seed(0)
+    model = tmp_path / "mnist"
+    save_checkpoint(model, model_for_dataset("mnist", "mnist-cnn"), {"dataset": "mnist", "sigma": 0.25})
+    common = ["--checkpoint", str(model), "--n", "40", "--alpha", "0.01", "--max", "2", "--batch-size", "40",
+              "--no-progress"]
+    for command, extra in (("certify", ["--n0", "8"]), ("predict", [])):
+        out = tmp_path / f"{command}.tsv"
+        assert main([command, *common, *extra, "--sampling", "sound", "--out", str(out)]) == 0
+        lines = [line.split("\t") for line in out.read_text().splitlines()]
+        rows = [dict(zip(lines[0], r)) for r in lines[1:]]
+        assert len(rows) == 2 and {r["sampling"] for r in rows} == {"sound"}
+        sidecar = json.loads((tmp_path / f"{command}.tsv.json").read_text())
+        assert (sidecar["method"]["sampling"] if command == "certify" else sidecar["sampling"]) == "sound"
 
 
 class _Cert:

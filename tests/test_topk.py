@@ -321,7 +321,8 @@ def test_certify_and_predict_topk_through_the_command_line(checkpoint, tmp_path,
     lines = [line.split("\t") for line in out.read_text().splitlines()]
     header, rows = lines[0], [dict(zip(lines[0], r)) for r in lines[1:]]
     assert header[:6] == ["idx", "label", "predict", "radius", "correct", "time"]
-    assert header[12:] == ["sigma", "top_k", "topk_label", "topk_class", "topk_set", "p_upper", "alpha_each"]
+    assert header[12:] == ["sampling", "sigma", "top_k", "topk_label", "topk_class", "topk_set", "p_upper",
+                           "alpha_each"]
     assert json.loads((tmp_path / "c.tsv.json").read_text())["method"] == {
         "name": "topk", "sigma": 0.25, "top_k": 2, "topk_label": "label"}
     from smoothcert.cli.common import load_base_classifier
@@ -339,8 +340,8 @@ def test_certify_and_predict_topk_through_the_command_line(checkpoint, tmp_path,
     pred = tmp_path / "p.tsv"
     assert run(checkpoint, pred, "predict", "--top-k", "2") == 0
     lines = pred.read_text().splitlines()
-    assert lines[0].split("\t") == ["idx", "label", "predict", "correct", "time", "top_k", "topk_set"]
-    assert all(r.split("\t")[6].count(",") == 1 or r.split("\t")[6] == "-1" for r in lines[1:])
+    assert lines[0].split("\t") == ["idx", "label", "predict", "correct", "time", "sampling", "top_k", "topk_set"]
+    assert all(r.split("\t")[7].count(",") == 1 or r.split("\t")[7] == "-1" for r in lines[1:])
     capsys.readouterr()
     assert main(["report", str(out), str(pred), "--radii", "0", "0.25"]) == 0
     text = capsys.readouterr().out

@@ -25,6 +25,7 @@ from smoothcert.methods.topk import predict_topk
 from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.settings import flag_of, setting_fields
 from smoothcert.stats.topk import check_top_k
+from smoothcert.noise.discrete import SAMPLINGS, gaussian_noise
 
 
 def _compilable() -> list[str]:
@@ -80,6 +81,20 @@ def _check_method_options(args, method: type[CertifyMethod]) -> None:
                              f"{method.name}: add --method {sorted(names)[0]} or leave {flag} out")
 
 
+def _check_sampling(args, method: type[CertifyMethod]) -> None:
+    """``--sampling sound`` only for methods whose settings choose the sampling (isotropic Gaussian noise)."""
+    if getattr(args, "sampling", None) == "sound" and "sampling" not in method.settings_type.field_names():
+        able = sorted(n for n, c in CertifyMethod.registry.items() if "sampling" in c.settings_type.field_names())
+        raise ValueError(f"--sampling sound needs a method with one isotropic Gaussian noise ({', '.join(able)}); "
+                         f"--method {method.name} samples in floating point only")
+
+
+def _check_inputs(check, dataset, indices, chunk: int = 1000) -> None:
+    """Every selected input passes ``check`` (e.g. lies on sound sampling's grid), before any file is written."""
+    for start in range(0, len(indices), chunk):
+        check(dataset.batch(indices[start:start + chunk])[0])
+
+
 def _setup(args, method: type[CertifyMethod] | None = None):
     from smoothcert.data.datasets import load_dataset
 
@@ -112,10 +127,12 @@ def _setup(args, method: type[CertifyMethod] | None = None):
 
 def cmd_certify(args) -> int:
     cls = method_class(args.method)
+    _check_sampling(args, cls)  # before the generic check, whose message is less specific
     _check_method_options(args, cls)
-    device, model, num_classes, _, indices, inputs, run = _setup(args, cls)
+    device, model, num_classes, dataset, indices, inputs, run = _setup(args, cls)
     method = build_method(cls, args)
     method.check_classes(num_classes)
+    _check_inputs(method.check_inputs, dataset, indices)
     identity = {"checkpoints": [c["sha256"] for c in run["checkpoints"]], "dataset": run["dataset"],
                 "split": run["split"]}
     ctx = RunContext(model, num_classes, args.n0, args.n, args.alpha, args.batch_size, DTYPES[args.dtype],
@@ -134,11 +151,14 @@ def cmd_certify(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    device, model, num_classes, _, indices, inputs, run = _setup(args)
-    noise = IsotropicGaussian(args.sigma)
+    device, model, num_classes, dataset, indices, inputs, run = _setup(args)
+    noise = gaussian_noise(args.sigma, args.sampling)
+    _check_inputs(noise.check_support, dataset, indices)
     dtype = DTYPES[args.dtype]
     block = max(1, args.batch_size // args.inputs_per_batch)
     top_k = None if args.top_k is None else check_top_k(args.top_k, num_classes)
+    if top_k is not None and args.sampling != "float":
+        raise ValueError("predict --top-k samples in floating point only: leave out --sampling or give float")
 
     def process(x, labels, idx):
         gens = [input_generator(args.seed, i, "predict", device) for i in idx]
@@ -146,11 +166,12 @@ def cmd_predict(args) -> int:
         if top_k is not None:  # the top-k set of Jia et al., with a simultaneous test (methods.topk)
             return predict_topk(model, x, noise, num_classes, top_k, args.n, args.alpha, **kw)
         out = predict(model, x, noise, num_classes, args.n, args.alpha, **kw)
-        return [Prediction(int(c)) for c in out]
+        return [Prediction(int(c), noise.sampling) for c in out]
 
-    columns, config = PREDICT_COLUMNS, {"command": "predict", **run, "sigma": args.sigma}
+    columns = PREDICT_COLUMNS + ("sampling",)
+    config = {"command": "predict", **run, "sigma": args.sigma, "sampling": args.sampling}
     if top_k is not None:
-        columns, config = PREDICT_COLUMNS + ("top_k", "topk_set"), {**config, "top_k": top_k}
+        columns, config = columns + ("top_k", "topk_set"), {**config, "top_k": top_k}
     results = ResultsFile(Path(args.out), columns, config)
     run_dataset(results, inputs, indices, process, inputs_per_batch=args.inputs_per_batch,
                 progress=not args.no_progress)
@@ -209,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None,
                    help="predict the set of the K classes of largest smoothed probability (1 <= K < number of "
                         "classes), or abstain, by a simultaneous test of all classes (Jia et al., ICLR 2020)")
+    p.add_argument("--sampling", choices=SAMPLINGS, default="float",
+                   help="float: Gaussian noise in floating point (default); sound: the Gaussian rounded onto the "
+                        "8-bit grid k/255, drawn exactly from integer random bits (inputs must lie on the grid)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="tables (Markdown or LaTeX) and a plot from results files")

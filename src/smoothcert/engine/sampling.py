@@ -138,6 +138,7 @@ def sample_counts(
     generators: Sequence[torch.Generator | None] | None = None,
     dtype: torch.dtype = torch.float32,
     observers: Sequence[Observer] = (),
+    voids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Count ``argmax f(x_i + noise_i)`` over ``num`` draws per input; returns int64 ``(B, num_classes)``.
 
@@ -145,6 +146,11 @@ def sample_counts(
     one per input (``None``: torch's global generator). The model runs under ``inference_mode``, in ``dtype``
     (float32, or bfloat16 through autocast). ``block`` is how many samples of one input share a forward pass
     (default ``batch_size // B``); fix it to make counts independent of how inputs are grouped.
+
+    Each noise makes its noisy copies (:meth:`Noise.perturb_`, ``x + noise`` unless the family says otherwise);
+    samples a family declares *void* count for no class (so they count against every class, the selected one
+    included), are added to ``voids`` (int64 ``(B,)``, on ``x``'s device) when given, and reach observers with
+    prediction -1.
     """
     check_count("num (samples per input)", num)
     check_count("batch_size", batch_size)
@@ -174,15 +180,24 @@ def sample_counts(
             while done < num:
                 m = min(block, num - done)
                 noisy = buffer[:group, :m]
+                drawn = torch.empty_like(noisy) if observers else None
+                valid = None
                 for j in range(group):
-                    noises[start + j].fill_(noisy[j], gens[start + j])
-                if observers:
-                    drawn = noisy.clone()
-                noisy.add_(xs.unsqueeze(1))
+                    void = noises[start + j].perturb_(noisy[j], xs[j], gens[start + j],
+                                                      None if drawn is None else drawn[j])
+                    if void is not None:
+                        if valid is None:
+                            valid = torch.ones((group, m), dtype=torch.bool, device=x.device)
+                        valid[j] = ~void
                 logits = model(noisy.reshape(group * m, *shape))
                 check_logits(logits, group * m, num_classes)
                 predictions = logits.argmax(dim=1).view(group, m)
-                counts[start : start + group].scatter_add_(1, predictions, torch.ones_like(predictions))
+                weight = torch.ones_like(predictions) if valid is None else valid.to(torch.int64)
+                counts[start : start + group].scatter_add_(1, predictions, weight)
+                if valid is not None:
+                    if voids is not None:
+                        voids[start : start + group] += m - weight.sum(dim=1)
+                    predictions = torch.where(valid, predictions, -1)
                 for observe in observers:
                     observe(rows, drawn, predictions)
                 done += m

@@ -69,6 +69,20 @@ class Certificate:
     def abstained(self) -> bool:
         return self.prediction == ABSTAIN
 
+    @property
+    def sampling(self) -> str:
+        """How the noise was drawn: ``float`` or ``sound`` (:attr:`~smoothcert.noise.base.Noise.sampling`)."""
+        return self.noise.sampling
+
+
+def _check_support(x, noise):
+    """Each input's noise family accepts it (e.g. a grid for sound sampling): a ValueError before any sampling."""
+    if isinstance(noise, Noise):
+        noise.check_support(x)
+        return
+    for xi, ni in zip(x, noise):
+        ni.check_support(xi)
+
 
 def _validate(model, x, num_classes, alpha, batch_size, dtype, range_policy):
     if not callable(model):
@@ -140,6 +154,7 @@ def certify(
     if not all(callable(o) for o in observers):
         raise TypeError("observers must be callables observer(rows, noise, predictions)")
     noises = [noise] * x.shape[0] if isinstance(noise, Noise) else list(noise)
+    _check_support(x, noise if isinstance(noise, Noise) else noises)
     select, *estimate = _streams(generators, x, 2, more=True)
     kw = dict(batch_size=batch_size, block=block, dtype=dtype)
     selection = sample_counts(model, x, noises, n0, num_classes, generators=select, **kw)
@@ -188,17 +203,26 @@ def predict(
 
     Two-sided test of the top count against the runner-up's (``binomtest(n_A, n_A + n_B, 1/2)``); the answer
     differs from ``g(x)`` without abstaining with probability at most ``alpha``.
+
+    Samples the noise declares void (sound sampling's leftover) are added to the runner-up's count: coupled with
+    exact sampling, where each of them is some class, that can only raise the p-value (it is increasing in the
+    runner-up's count), so the guarantee holds for the exactly sampled smoothed classifier.
     """
     _validate(model, x, num_classes, alpha, batch_size, dtype, range_policy)
     check_count("n", n)
+    if not isinstance(noise, Noise) and len(list(noise)) != x.shape[0]:
+        raise ValueError(f"got {len(list(noise))} noise distributions for {x.shape[0]} inputs")
+    _check_support(x, noise)
     (gens,) = _streams(generators, x, 1)
+    voids = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     counts = sample_counts(model, x, noise, n, num_classes, generators=gens, batch_size=batch_size,
-                           block=block, dtype=dtype).cpu().numpy()
+                           block=block, dtype=dtype, voids=voids).cpu().numpy()
+    voids = voids.cpu().numpy()
     order = np.argsort(-counts, axis=1, kind="stable")
     out = np.full(x.shape[0], ABSTAIN, dtype=np.int64)
     for i in range(x.shape[0]):
         a, b = order[i, 0], order[i, 1]
-        n_a, n_b = int(counts[i, a]), int(counts[i, b])
+        n_a, n_b = int(counts[i, a]), int(counts[i, b]) + int(voids[i])
         if n_a + n_b > 0 and binomial_pvalue(n_a, n_a + n_b, 0.5) <= alpha:
             out[i] = a
     return out

@@ -27,7 +27,7 @@ from smoothcert.methods.records import MethodRecord, record_row
 from smoothcert.settings import Settings, number
 
 #: Columns every certification method fills, after Cohen's ``idx label predict radius correct time``.
-COMMON_COLUMNS = ("radius_proxy", "p_lower", "gap", "n", "method", "dtype")
+COMMON_COLUMNS = ("radius_proxy", "p_lower", "gap", "n", "method", "dtype", "sampling")
 
 
 @dataclass
@@ -137,6 +137,9 @@ class CertifyMethod(ABC):
 
     def check_classes(self, num_classes: int) -> None:
         """Check, before any sampling, that the settings suit a classifier of ``num_classes`` classes (default: any)."""
+
+    def check_inputs(self, x: torch.Tensor) -> None:
+        """A ValueError, before any sampling or file, if the method cannot certify inputs ``x`` (default: any)."""
 
     @abstractmethod
     def certify(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]

@@ -94,17 +94,19 @@ class MethodRecord:
         cert = self.certificate
         return {"predict": self.prediction, "radius": self.radius, "radius_proxy": self.radius_proxy,
                 "p_lower": cert.p_lower, "gap": cert.gap, "n": cert.n, "method": self.method, "dtype": cert.dtype,
-                **self.fields}
+                "sampling": getattr(cert, "sampling", "float"), **self.fields}
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """PREDICT's record: the class, or -1 when the test abstains."""
+    """PREDICT's record: the class, or -1 when the test abstains; ``sampling`` says how the noise was drawn
+    (``float`` or ``sound``)."""
 
     prediction: int
+    sampling: str = "float"
 
     def values(self) -> dict[str, Any]:
-        return {"predict": int(self.prediction)}
+        return {"predict": int(self.prediction), "sampling": self.sampling}
 
 
 def record_row(record: MethodRecord | Prediction, columns: Sequence[str]) -> dict[str, Any]:

@@ -105,7 +105,7 @@ class TopKPrediction:
 
     def values(self) -> dict:
         return {"predict": int(self.classes[0]) if self.classes else ABSTAIN, "top_k": self.top_k,
-                "topk_set": format_set(self.classes)}
+                "topk_set": format_set(self.classes), "sampling": "float"}
 
 
 def _noise(sigma: float | IsotropicGaussian) -> IsotropicGaussian:

@@ -3,6 +3,7 @@
 from smoothcert.noise.base import Noise, noise_from_parameters
 from smoothcert.noise.gaussian import DiagonalGaussian, FullGaussian, IsotropicGaussian, RotatedGaussian
 from smoothcert.noise.uniform import UniformDiagonal, uniform_tv
+from smoothcert.noise.discrete import DiscretizedGaussian
 
 __all__ = ["Noise", "noise_from_parameters", "IsotropicGaussian", "DiagonalGaussian", "RotatedGaussian",
-           "FullGaussian", "UniformDiagonal", "uniform_tv"]
+           "FullGaussian", "UniformDiagonal", "uniform_tv", "DiscretizedGaussian"]

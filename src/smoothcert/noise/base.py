@@ -36,6 +36,9 @@ class Noise(ABC):
     """A smoothing distribution for one input of ``d`` values."""
 
     kind: str = "noise"
+    #: How the family's draws are made, recorded in every row: ``float`` (noise drawn in floating point and added
+    #: to the input) or ``sound`` (exact draws on the input's grid, :mod:`smoothcert.noise.discrete`).
+    sampling: str = "float"
     registry: dict[str, type["Noise"]] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -50,6 +53,24 @@ class Noise(ABC):
     @abstractmethod
     def fill_(self, out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Overwrite ``out`` (shape ``(m, *input_shape)``) with ``m`` independent draws; return it."""
+
+    def perturb_(self, out: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None,
+                 noise_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Overwrite ``out`` (``(m, *input_shape)``) with ``m`` noisy copies of the one input ``x``.
+
+        Returns ``None``, or a bool ``(m,)`` mask of *void* samples, which the engine counts for no class (a family
+        whose draws can fail says so here). ``noise_out``, if given, receives the noise ``out - x`` as drawn. The
+        default is ``x + noise`` with the noise from :meth:`fill_`; a family that perturbs otherwise (e.g. in the
+        integer space of a pixel grid) overrides this.
+        """
+        self.fill_(out, generator)
+        if noise_out is not None:
+            noise_out.copy_(out)
+        out.add_(x)
+        return None
+
+    def check_support(self, x: torch.Tensor) -> None:
+        """A ValueError, before any sampling, if this family cannot smooth the inputs ``x`` (default: any)."""
 
     @abstractmethod
     def region(self, center: torch.Tensor, gap: float) -> Region:
