@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+from smoothcert.cli.checks import check_demo_options, check_input_shape, check_plot_options, check_run_options
 from smoothcert.cli.common import load_base_classifier, resolve_device
 from smoothcert.cli.demo import run_demo
 from smoothcert.cli.options import add_method_options, build_method
-from smoothcert.cli.runner import CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, run_dataset, select_indices
+from smoothcert.cli.runner import (CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, flag_summary, run_dataset,
+                                   samples_per_pass, select_indices)
 from smoothcert.cli.train import add_train_arguments, run_train
 from smoothcert.engine.sampling import DTYPES, input_generator
 from smoothcert.engine.smooth import predict
@@ -67,12 +69,14 @@ def _check_compile(args, method: type[CertifyMethod] | None) -> None:
 def _setup(args, method: type[CertifyMethod] | None = None):
     from smoothcert.data.datasets import load_dataset
 
+    check_run_options(args, certify=hasattr(args, "n0"))  # every setting first: a rejected run leaves no file
     _check_compile(args, method)
     device = resolve_device(args.device)
     model, config, fingerprint = load_base_classifier(args.checkpoint, device)
     if args.compile:
         model = torch.compile(model)
     dataset = load_dataset(args.dataset or config.get("dataset"), args.split, root=args.data_root)
+    check_input_shape(config, dataset.input_shape, dataset.name)
     if args.sigma is None:
         if config.get("sigma") is None:
             raise ValueError("give --sigma (the checkpoint does not record a training sigma)")
@@ -89,6 +93,7 @@ def _setup(args, method: type[CertifyMethod] | None = None):
     run = {"dataset": dataset.name, "split": dataset.split, "skip": args.skip, "max": args.max,
            "checkpoints": fingerprint, "num_classes": num_classes, "n": args.n, "alpha": args.alpha,
            "batch_size": args.batch_size, "inputs_per_batch": args.inputs_per_batch, "dtype": args.dtype,
+           "block": samples_per_pass(args.batch_size, args.inputs_per_batch),
            "seed": args.seed, "compile": args.compile, "indices": f"range(0, {indices[-1] + 1 if indices else 0}, {args.skip})",
            "count": len(indices)}
     return device, model, num_classes, dataset, indices, inputs, run
@@ -103,8 +108,10 @@ def cmd_certify(args) -> int:
     ctx = RunContext(model, num_classes, args.n0, args.n, args.alpha, args.batch_size, DTYPES[args.dtype],
                      args.seed, device, args.inputs_per_batch, identity)
     columns = CERTIFY_COLUMNS + COMMON_COLUMNS + tuple(c for c in cls.columns if c not in COMMON_COLUMNS)
+    # a method that only samples may change its batch sizes on resume (the numbers depend on "block" only)
     results = ResultsFile(Path(args.out), columns, {"command": "certify", **run, "n0": args.n0,
-                                                    "method": method.config()})
+                                                    "method": method.config()},
+                          continuable=("batch_size", "inputs_per_batch") if cls.samples_only else ())
     try:
         run_dataset(results, inputs, indices, lambda x, y, idx: method.certify(ctx, x, y, idx),
                     inputs_per_batch=args.inputs_per_batch,
@@ -112,6 +119,8 @@ def cmd_certify(args) -> int:
     finally:
         method.close()
     print(f"wrote {results.path} ({len(indices)} inputs) and {results.sidecar}")
+    for line in flag_summary(results.path):
+        print(line)
     return 0
 
 
@@ -127,7 +136,8 @@ def cmd_predict(args) -> int:
                       generators=gens, dtype=dtype)
         return [Prediction(int(c)) for c in out]
 
-    results = ResultsFile(Path(args.out), PREDICT_COLUMNS, {"command": "predict", **run, "sigma": args.sigma})
+    results = ResultsFile(Path(args.out), PREDICT_COLUMNS, {"command": "predict", **run, "sigma": args.sigma},
+                          continuable=("batch_size", "inputs_per_batch"))
     run_dataset(results, inputs, indices, process, inputs_per_batch=args.inputs_per_batch,
                 progress=not args.no_progress)
     print(f"wrote {results.path} ({len(indices)} inputs) and {results.sidecar}")
@@ -135,14 +145,22 @@ def cmd_predict(args) -> int:
 
 
 def cmd_report(args) -> int:
+    import warnings
+
     from smoothcert.evaluation.tables import report
 
-    print(report(args.files, radii=args.radii, latex=args.latex, plot=args.plot, labels=args.labels,
-                 proxy=args.proxy, baseline=args.baseline))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = report(args.files, radii=args.radii, latex=args.latex, plot=args.plot, labels=args.labels,
+                      proxy=args.proxy, baseline=args.baseline)
+    for w in caught:
+        print(f"smoothcert report: warning: {w.message}", file=sys.stderr)
+    print(text)
     return 0
 
 
 def cmd_demo(args) -> int:
+    check_demo_options(args, n0=100)  # the demo's selection samples (cli/demo.py), before it trains
     run_demo(main, Path(args.out), num_inputs=args.inputs, n=args.n, retrain=args.retrain)
     return 0
 
@@ -151,9 +169,11 @@ def cmd_plot_regions(args) -> int:
     from smoothcert.data.datasets import load_dataset
     from smoothcert.evaluation.regions_plot import plot_regions
 
+    check_plot_options(args)
     device = resolve_device(args.device)
     model, config, _ = load_base_classifier(args.checkpoint, device)
     dataset = load_dataset(args.dataset or config.get("dataset"), args.split)
+    check_input_shape(config, dataset.input_shape, dataset.name)
     if args.sigma is None:
         if config.get("sigma") is None:
             raise ValueError("give --sigma (the checkpoint does not record a training sigma)")
@@ -227,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"smoothcert {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as e:  # a user's error: one line, no traceback (other errors keep theirs)
+        print(f"smoothcert {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"smoothcert {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

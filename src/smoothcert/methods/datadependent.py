@@ -81,6 +81,9 @@ class DataDependentSettings(Settings):
     memory: bool = switch(True, help="skip memory-based certification (unsound across inputs; for ablations only)")
 
 
+#: A certified scale this many times sigma_0 (or more) is flagged ``extreme``; the DDS floor is sigma_0 / 100.
+EXTREME_SCALE = 100.0
+
 # ----------------------------------------------------------------------------------------------------------------
 # The method plug-in
 # ----------------------------------------------------------------------------------------------------------------
@@ -103,10 +106,14 @@ class DataDependentMethod(CertifyMethod):
     noise), ``norm`` (l2 or l1), ``radius_norm`` (radius of the largest ball *of that norm* inside the final
     region: equal to ``radius`` for l2; for l1 the smallest semi-axis ``gap * min lambda``, while ``radius``
     stays the l2 inscribed radius), ``memory`` (kept / shrunk / abstained; ``off`` without memory; ``n/a`` when
-    certification abstained) and ``fallback`` (``none`` or why the isotropic noise at sigma_0 was used).
+    certification abstained), ``fallback`` (``none`` or why the isotropic noise at sigma_0 was used) and
+    ``scale_flag``: ``at-floor`` when the DDS scale ended at the ascent's floor (sigma_0 / 100, :func:`optimize_dds`),
+    ``extreme`` when a certified scale is at least :data:`EXTREME_SCALE` times sigma_0, else ``none`` (the
+    certificate stays sound either way; such a row says the optimization ran to an edge and is worth a look).
     """
 
-    columns = ("sigma", "scale_iso", "min_scale", "max_scale", "norm", "radius_norm", "memory", "fallback")
+    columns = ("sigma", "scale_iso", "min_scale", "max_scale", "norm", "radius_norm", "memory", "fallback",
+               "scale_flag")
     settings_type = DataDependentSettings
     keywords = {"samples": "opt_samples", "gap": "opt_gap", "max_batch": "opt_batch_size"}
 
@@ -208,11 +215,21 @@ class DataDependentMethod(CertifyMethod):
             memory = "off"
         else:
             memory = "n/a" if cert.abstained else decision.action
-        fields = {"sigma": self.sigma, "scale_iso": float(extra.pop("scale_iso", float("nan"))),
+        scale_iso = float(extra.pop("scale_iso", float("nan")))
+        fields = {"sigma": self.sigma, "scale_iso": scale_iso,
                   "min_scale": float(scales.min()), "max_scale": float(scales.max()), "norm": self.norm,
-                  "radius_norm": radius_norm, "memory": memory, "fallback": chosen.fallback}
+                  "radius_norm": radius_norm, "memory": memory, "fallback": chosen.fallback,
+                  "scale_flag": self.scale_flag(scale_iso, scales)}
         fields.update({k: v for k, v in extra.items() if k in self.columns})
         return {column: fields.get(column, "none") for column in self.columns}
+
+    def scale_flag(self, scale_iso: float, scales: torch.Tensor) -> str:
+        """``at-floor``, ``extreme`` or ``none`` for the chosen scales (see the class docstring)."""
+        if scale_iso <= self.base_scale / 100.0 * (1 + 1e-5):  # optimize_dds's floor, scale0 / 100 (float32)
+            return "at-floor"
+        if float(scales.max()) >= EXTREME_SCALE * self.base_scale:
+            return "extreme"
+        return "none"
 
     def open(self, ctx: RunContext, results: Path, done: Sequence[int]) -> None:
         self.noise_store = NoiseStore(results, self.name)
