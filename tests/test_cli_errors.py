@@ -164,3 +164,20 @@ def test_smooth_certify_says_when_one_input_has_a_batch_dimension():
         smoothed.certify(x[None], n0=10, n=100, alpha=0.01, batch_size=50)
     with pytest.raises(ValueError, match="without a batch dimension"):
         smoothed.predict(x[None], n=100, alpha=0.01, batch_size=50)
+
+
+def test_every_option_has_help_and_names_its_choices():
+    import argparse
+
+    from smoothcert.cli.main import build_parser
+    from smoothcert.data.datasets import DATASETS
+    from smoothcert.models.architectures import ARCHITECTURES
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert missing == []
+    train_help = sub.choices["train"].format_help()
+    assert all(name in train_help for name in DATASETS) and all(name in train_help for name in ARCHITECTURES)
+    assert all(name in sub.choices["certify"].format_help() for name in DATASETS)

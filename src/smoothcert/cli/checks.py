@@ -52,7 +52,7 @@ def check_run_options(args: argparse.Namespace, *, certify: bool) -> None:
     if args.max is not None:
         check_count("max", args.max)
     if args.sigma is not None:
-        check_positive("sigma (noise level in input units, pixels in [0, 1])", args.sigma)
+        check_positive("sigma (--sigma)", args.sigma)
     check_output_path("--out", args.out)
 
 
@@ -81,7 +81,7 @@ def check_plot_options(args: argparse.Namespace) -> None:
     check_alpha(args.alpha)
     check_seed(args.seed)
     if args.sigma is not None:
-        check_positive("sigma (noise level in input units)", args.sigma)
+        check_positive("sigma (--sigma)", args.sigma)
     if any(p < 0 for p in args.points):
         raise ValueError(f"--points are dataset indices (>= 0), got {args.points}")
     check_output_path("--out", args.out)
@@ -96,7 +96,7 @@ def check_train_options(args: argparse.Namespace) -> None:
     check_number("momentum", args.momentum, 0.0, 1.0, high_open=True)
     check_number("weight-decay", args.weight_decay, 0.0)
     check_count("val-size", args.val_size, minimum=0)
-    check_positive("sigma (noise level in input units, pixels in [0, 1])", args.sigma)
+    check_positive("sigma (--sigma)", args.sigma)
     if args.pca_fraction is not None:
         check_positive("pca-fraction", args.pca_fraction)
     if args.clip_grad_norm is not None:

@@ -18,6 +18,7 @@ from smoothcert.cli.options import add_method_options, build_method
 from smoothcert.cli.runner import (CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, flag_summary, run_dataset,
                                    samples_per_pass, select_indices)
 from smoothcert.cli.train import add_train_arguments, run_train
+from smoothcert.data.datasets import DATASETS
 from smoothcert.engine.sampling import DTYPES, input_generator
 from smoothcert.engine.smooth import predict
 import smoothcert.methods  # noqa: F401  (registers every built-in method)
@@ -34,8 +35,9 @@ def _compilable() -> list[str]:
 def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
     p.add_argument("--checkpoint", action="append", required=True,
                    help="model checkpoint (.safetensors with its .json); repeat to average several (an ensemble)")
-    p.add_argument("--dataset", default=None, help="data set name (default: the checkpoint's)")
-    p.add_argument("--split", default="test", help="split to certify (default: test)")
+    p.add_argument("--dataset", default=None, metavar="NAME",
+                   help=f"data set: {', '.join(DATASETS)} (default: the checkpoint's)")
+    p.add_argument("--split", default="test", help="split to certify: train or test (default: test)")
     p.add_argument("--data-root", default=None, help="directory of a data set read from disk (e.g. CIFAR-10 batches)")
     p.add_argument("--out", required=True, help="results TSV (its configuration goes to OUT.json)")
     p.add_argument("--sigma", type=float, default=None,
@@ -44,14 +46,17 @@ def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
         p.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
     p.add_argument("--n", type=int, default=100_000, help="estimation samples (default 100,000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-    p.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass (default 1000)")
+    p.add_argument("--batch-size", type=int, default=1000,
+                   help="noisy samples per forward pass (default 1000; lower it if memory runs out)")
     p.add_argument("--inputs-per-batch", type=int, default=1,
-                   help="inputs that share a forward pass (more is faster for small n; default 1)")
+                   help="inputs that share a forward pass, each with batch-size // inputs-per-batch samples "
+                        "(more is faster for small n; default 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the base classifier; the certificate holds for the classifier in this dtype")
     p.add_argument("--seed", type=int, default=0, help="run seed; each input's noise derives from it and its index")
     p.add_argument("--skip", type=int, default=1, help="certify every SKIP-th input of the split (default 1)")
-    p.add_argument("--max", type=int, default=None, help="stop before this dataset index")
+    p.add_argument("--max", type=int, default=None,
+                   help="stop before this dataset index (default: the whole split); a larger --max extends a file")
     p.add_argument("--device", default="auto", help="auto (accelerator if any, else cpu), cpu, cuda:0, ...")
     p.add_argument("--compile", action="store_true",
                    help="run the base classifier through torch.compile (faster sampling after a warm-up; "
@@ -217,18 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("plot-regions", help="draw certified regions of several methods on a 2D toy data set")
-    p.add_argument("--checkpoint", action="append", required=True, help="a model trained on a 2D data set")
-    p.add_argument("--dataset", default=None, help="2D data set (default: the checkpoint's)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--points", type=int, nargs="+", default=[0, 1, 2, 3], help="dataset indices to certify")
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="a model trained on a 2D data set (smoothcert train --dataset toy-curved ...)")
+    p.add_argument("--dataset", default=None, metavar="NAME",
+                   help="2D data set: toy-curved, toy-rotated, toy-3class (default: the checkpoint's)")
+    p.add_argument("--split", default="test", help="split whose points are drawn: train or test (default: test)")
+    p.add_argument("--points", type=int, nargs="+", default=[0, 1, 2, 3],
+                   help="dataset indices to certify, numbered in the picture (default: 0 1 2 3)")
     p.add_argument("--methods", nargs="+", default=["fixed", "dds", "ancer", "rancer", "rddrs"],
-                   choices=sorted(CertifyMethod.registry))
+                   choices=sorted(CertifyMethod.registry), help="methods whose regions are drawn (default: "
+                                                                 "fixed dds ancer rancer rddrs)")
     p.add_argument("--sigma", type=float, default=None, help="base noise level (default: the checkpoint's)")
-    p.add_argument("--n0", type=int, default=100)
-    p.add_argument("--n", type=int, default=10_000)
-    p.add_argument("--alpha", type=float, default=0.001)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
+    p.add_argument("--n", type=int, default=10_000, help="estimation samples (default 10,000)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every point's noise (default 0)")
+    p.add_argument("--device", default="auto", help="auto (accelerator if any, else cpu), cpu, cuda:0, ...")
     p.add_argument("--out", default="regions.png", help="PNG to write")
     add_method_options(p)
     p.set_defaults(func=cmd_plot_regions)
