@@ -143,6 +143,17 @@ def test_sampling_puts_a_train_mode_model_in_eval_mode_and_restores_it():
     in_eval = Smooth(model, 2, 0.25, seed=0).certify(x, 20, 500, 0.01, 100)
     assert in_train == in_eval
     assert np.isfinite(in_train[1])
+    # a data-dependent method's optimizer samples the model in eval mode too, and gives the modes back
+    from smoothcert.methods.base import RunContext
+    from smoothcert.methods.dds import DDS
+
+    model.train()
+    model[3].eval()
+    ctx = RunContext(model, 2, 20, 500, 0.01, 100, torch.float32, 0, torch.device("cpu"))
+    (record,) = DDS(0.25, dds_steps=3, opt_samples=16, memory=False).certify(ctx, x[None], torch.zeros(1).long(), [0])
+    assert record.fields["fallback"] == "none"
+    assert [m.training for m in model.modules()] == [True, True, True, True, False, True]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
 def test_plot_regions_with_first_order_labels_axes_background_and_points(toy, tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from smoothcert.engine.smooth import Certificate, certify
+from smoothcert.engine.smooth import Certificate, certify, evaluation_mode
 from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
 from smoothcert.methods.memory_replay import RunMemory
 from smoothcert.methods.noise_store import NoiseStore
@@ -178,7 +178,8 @@ class DataDependentMethod(CertifyMethod):
     def certify(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
                 ) -> list[MethodRecord]:
         try:
-            choices = self.choose(ctx, x, indices)
+            with evaluation_mode(ctx.model):  # the optimizers sample the model as certified: in eval mode
+                choices = self.choose(ctx, x, indices)
         except NotDifferentiable as e:
             choices = self.fallback_choices(x.shape[0], "not-differentiable: " + " ".join(str(e).split()))
         certs = certify(ctx.model, x, [c.noise for c in choices], ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
