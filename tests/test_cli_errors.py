@@ -150,6 +150,11 @@ def test_a_file_without_complete_rows_is_replaced_and_says_so(models, tmp_path, 
     assert main(_certify(models, str(out), "--sigma", "0.25", "--n", "200")) == 2
     err = capsys.readouterr().err
     assert "method.sigma: file has 0.5, this run has 0.25" in err and "n: file has 100" in err
+    # another method: its name comes first, and no list of columns is dumped
+    capsys.readouterr()
+    assert main(_certify(models, str(out), "--sigma", "0.5", "--method", "dds", "--dds-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "(method.name: file has 'fixed', this run has 'dds';" in err and "radius_proxy" not in err
 
 
 def test_smooth_certify_says_when_one_input_has_a_batch_dimension():

@@ -179,6 +179,8 @@ class ResultsFile:
                             {k: v for k, v in new.items() if k not in _VOLATILE})
         free = set(_SELECTION) | set(self.continuable)
         refused = [d for d in diff if d[0] not in free]
+        # a method's name first (its settings follow from it), the columns last (they follow from the method)
+        refused.sort(key=lambda d: 0 if d[0].endswith("name") else 2 if d[0] == "columns" else 1)
         if refused:
             detail = "; ".join(_describe(*d) for d in refused[:6])
             more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
