@@ -419,3 +419,21 @@ def test_noise_families_are_classes_and_the_names_map_to_them():
     assert result.finite.all() and result.params.shape == (1,)
     with pytest.raises(ValueError, match="family"):
         noise_family(object)
+
+
+def test_scale_flag_marks_the_floor_and_extreme_scales_and_the_run_counts_them(tmp_path):
+    from smoothcert.cli.runner import flag_summary
+
+    dds = DDS(0.2)
+    floor = float(torch.tensor(0.2, dtype=torch.float32) / 100.0)  # optimize_dds's floor, scale0 / 100 in float32
+    assert dds.scale_flag(floor, torch.tensor([floor], dtype=torch.float64)) == "at-floor"
+    assert dds.scale_flag(0.01, torch.tensor([0.01], dtype=torch.float64)) == "none"
+    assert dds.scale_flag(20.0, torch.tensor([20.0], dtype=torch.float64)) == "extreme"
+    assert dds.scale_flag(float("nan"), torch.tensor([0.3, 25.0], dtype=torch.float64)) == "extreme"
+    assert DDS(0.2, norm="l1").scale_flag(0.2 * math.sqrt(3) / 100, torch.tensor([1.0])) == "at-floor"
+    assert "scale_flag" in DDS.row_columns()
+    log = tmp_path / "r.tsv"
+    log.write_text("idx\tscale_flag\n0\tnone\n1\tat-floor\n2\tat-floor\n3\textreme\n")
+    assert flag_summary(log) == ["note: at-floor scale in 2 of 4 rows (scale_flag column): see the method's "
+                                 "documentation", "note: extreme scale in 1 of 4 rows (scale_flag column): see the "
+                                 "method's documentation"]

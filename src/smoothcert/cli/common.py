@@ -17,9 +17,17 @@ def resolve_device(name: str) -> torch.device:
         acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         return acc if acc is not None else torch.device("cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, or an accelerator such as cuda:0") from e
+    if device.type != "cpu":
+        try:  # a device torch was not built for, or that this machine lacks, fails here rather than mid-run
+            torch.empty(1, device=device)
+        except (AssertionError, RuntimeError) as e:
+            reason = (" ".join(str(e).split()) or type(e).__name__).split(". ")[0][:160]
+            raise ValueError(f"device {name!r} is not available on this machine ({reason}); use --device cpu "
+                             "or --device auto") from e
+    return device
 
 
 def file_digest(path: Path) -> str:

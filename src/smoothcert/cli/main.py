@@ -11,11 +11,14 @@ from pathlib import Path
 
 import torch
 
+from smoothcert.cli.checks import check_demo_options, check_input_shape, check_plot_options, check_run_options
 from smoothcert.cli.common import load_base_classifier, resolve_device
 from smoothcert.cli.demo import run_demo
 from smoothcert.cli.options import add_method_options, build_method, dest_of
-from smoothcert.cli.runner import CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, run_dataset, select_indices
+from smoothcert.cli.runner import (CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, flag_summary, run_dataset,
+                                   samples_per_pass, select_indices)
 from smoothcert.cli.train import add_train_arguments, run_train
+from smoothcert.data.datasets import DATASETS
 from smoothcert.engine.sampling import DTYPES, input_generator
 from smoothcert.engine.smooth import predict
 import smoothcert.methods  # noqa: F401  (registers every built-in method)
@@ -36,8 +39,9 @@ def _compilable() -> list[str]:
 def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
     p.add_argument("--checkpoint", action="append", required=True,
                    help="model checkpoint (.safetensors with its .json); repeat to average several (an ensemble)")
-    p.add_argument("--dataset", default=None, help="data set name (default: the checkpoint's)")
-    p.add_argument("--split", default="test", help="split to certify (default: test)")
+    p.add_argument("--dataset", default=None, metavar="NAME",
+                   help=f"data set: {', '.join(DATASETS)} (default: the checkpoint's)")
+    p.add_argument("--split", default="test", help="split to certify: train or test (default: test)")
     p.add_argument("--data-root", default=None, help="directory of a data set read from disk (e.g. CIFAR-10 batches)")
     p.add_argument("--out", required=True, help="results TSV (its configuration goes to OUT.json)")
     p.add_argument("--sigma", type=float, default=None,
@@ -46,14 +50,17 @@ def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
         p.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
     p.add_argument("--n", type=int, default=100_000, help="estimation samples (default 100,000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-    p.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass (default 1000)")
+    p.add_argument("--batch-size", type=int, default=1000,
+                   help="noisy samples per forward pass (default 1000; lower it if memory runs out)")
     p.add_argument("--inputs-per-batch", type=int, default=1,
-                   help="inputs that share a forward pass (more is faster for small n; default 1)")
+                   help="inputs that share a forward pass, each with batch-size // inputs-per-batch samples "
+                        "(more is faster for small n; default 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the base classifier; the certificate holds for the classifier in this dtype")
     p.add_argument("--seed", type=int, default=0, help="run seed; each input's noise derives from it and its index")
     p.add_argument("--skip", type=int, default=1, help="certify every SKIP-th input of the split (default 1)")
-    p.add_argument("--max", type=int, default=None, help="stop before this dataset index")
+    p.add_argument("--max", type=int, default=None,
+                   help="stop before this dataset index (default: the whole split); a larger --max extends a file")
     p.add_argument("--device", default="auto", help="auto (accelerator if any, else cpu), cpu, cuda:0, ...")
     p.add_argument("--compile", action="store_true",
                    help="run the base classifier through torch.compile (faster sampling after a warm-up; "
@@ -98,12 +105,14 @@ def _check_inputs(check, dataset, indices, chunk: int = 1000) -> None:
 def _setup(args, method: type[CertifyMethod] | None = None):
     from smoothcert.data.datasets import load_dataset
 
+    check_run_options(args, certify=hasattr(args, "n0"))  # every setting first: a rejected run leaves no file
     _check_compile(args, method)
     device = resolve_device(args.device)
     model, config, fingerprint = load_base_classifier(args.checkpoint, device)
     if args.compile:
         model = torch.compile(model)
     dataset = load_dataset(args.dataset or config.get("dataset"), args.split, root=args.data_root)
+    check_input_shape(config, dataset.input_shape, dataset.name)
     if args.sigma is None:
         if config.get("sigma") is None:
             raise ValueError("give --sigma (the checkpoint does not record a training sigma)")
@@ -120,6 +129,7 @@ def _setup(args, method: type[CertifyMethod] | None = None):
     run = {"dataset": dataset.name, "split": dataset.split, "skip": args.skip, "max": args.max,
            "checkpoints": fingerprint, "num_classes": num_classes, "n": args.n, "alpha": args.alpha,
            "batch_size": args.batch_size, "inputs_per_batch": args.inputs_per_batch, "dtype": args.dtype,
+           "block": samples_per_pass(args.batch_size, args.inputs_per_batch),
            "seed": args.seed, "compile": args.compile, "indices": f"range(0, {indices[-1] + 1 if indices else 0}, {args.skip})",
            "count": len(indices)}
     return device, model, num_classes, dataset, indices, inputs, run
@@ -138,8 +148,10 @@ def cmd_certify(args) -> int:
     ctx = RunContext(model, num_classes, args.n0, args.n, args.alpha, args.batch_size, DTYPES[args.dtype],
                      args.seed, device, args.inputs_per_batch, identity)
     columns = CERTIFY_COLUMNS + COMMON_COLUMNS + tuple(c for c in cls.columns if c not in COMMON_COLUMNS)
+    # a method that only samples may change its batch sizes on resume (the numbers depend on "block" only)
     results = ResultsFile(Path(args.out), columns, {"command": "certify", **run, "n0": args.n0,
-                                                    "method": method.config()})
+                                                    "method": method.config()},
+                          continuable=("batch_size", "inputs_per_batch") if cls.samples_only else ())
     try:
         run_dataset(results, inputs, indices, lambda x, y, idx: method.certify(ctx, x, y, idx),
                     inputs_per_batch=args.inputs_per_batch,
@@ -147,6 +159,8 @@ def cmd_certify(args) -> int:
     finally:
         method.close()
     print(f"wrote {results.path} ({len(indices)} inputs) and {results.sidecar}")
+    for line in flag_summary(results.path):
+        print(line)
     return 0
 
 
@@ -172,7 +186,7 @@ def cmd_predict(args) -> int:
     config = {"command": "predict", **run, "sigma": args.sigma, "sampling": args.sampling}
     if top_k is not None:
         columns, config = columns + ("top_k", "topk_set"), {**config, "top_k": top_k}
-    results = ResultsFile(Path(args.out), columns, config)
+    results = ResultsFile(Path(args.out), columns, config, continuable=("batch_size", "inputs_per_batch"))
     run_dataset(results, inputs, indices, process, inputs_per_batch=args.inputs_per_batch,
                 progress=not args.no_progress)
     print(f"wrote {results.path} ({len(indices)} inputs) and {results.sidecar}")
@@ -180,14 +194,22 @@ def cmd_predict(args) -> int:
 
 
 def cmd_report(args) -> int:
+    import warnings
+
     from smoothcert.evaluation.tables import report
 
-    print(report(args.files, radii=args.radii, latex=args.latex, plot=args.plot, labels=args.labels,
-                 proxy=args.proxy, baseline=args.baseline))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = report(args.files, radii=args.radii, latex=args.latex, plot=args.plot, labels=args.labels,
+                      proxy=args.proxy, baseline=args.baseline)
+    for w in caught:
+        print(f"smoothcert report: warning: {w.message}", file=sys.stderr)
+    print(text)
     return 0
 
 
 def cmd_demo(args) -> int:
+    check_demo_options(args, n0=100)  # the demo's selection samples (cli/demo.py), before it trains
     run_demo(main, Path(args.out), num_inputs=args.inputs, n=args.n, retrain=args.retrain)
     return 0
 
@@ -196,9 +218,11 @@ def cmd_plot_regions(args) -> int:
     from smoothcert.data.datasets import load_dataset
     from smoothcert.evaluation.regions_plot import plot_regions
 
+    check_plot_options(args)
     device = resolve_device(args.device)
     model, config, _ = load_base_classifier(args.checkpoint, device)
     dataset = load_dataset(args.dataset or config.get("dataset"), args.split)
+    check_input_shape(config, dataset.input_shape, dataset.name)
     if args.sigma is None:
         if config.get("sigma") is None:
             raise ValueError("give --sigma (the checkpoint does not record a training sigma)")
@@ -248,18 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("plot-regions", help="draw certified regions of several methods on a 2D toy data set")
-    p.add_argument("--checkpoint", action="append", required=True, help="a model trained on a 2D data set")
-    p.add_argument("--dataset", default=None, help="2D data set (default: the checkpoint's)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--points", type=int, nargs="+", default=[0, 1, 2, 3], help="dataset indices to certify")
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="a model trained on a 2D data set (smoothcert train --dataset toy-curved ...)")
+    p.add_argument("--dataset", default=None, metavar="NAME",
+                   help="2D data set: toy-curved, toy-rotated, toy-3class (default: the checkpoint's)")
+    p.add_argument("--split", default="test", help="split whose points are drawn: train or test (default: test)")
+    p.add_argument("--points", type=int, nargs="+", default=[0, 1, 2, 3],
+                   help="dataset indices to certify, numbered in the picture (default: 0 1 2 3)")
     p.add_argument("--methods", nargs="+", default=["fixed", "dds", "ancer", "rancer", "rddrs"],
-                   choices=sorted(CertifyMethod.registry))
+                   choices=sorted(CertifyMethod.registry), help="methods whose regions are drawn (default: "
+                                                                 "fixed dds ancer rancer rddrs)")
     p.add_argument("--sigma", type=float, default=None, help="base noise level (default: the checkpoint's)")
-    p.add_argument("--n0", type=int, default=100)
-    p.add_argument("--n", type=int, default=10_000)
-    p.add_argument("--alpha", type=float, default=0.001)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
+    p.add_argument("--n", type=int, default=10_000, help="estimation samples (default 10,000)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every point's noise (default 0)")
+    p.add_argument("--device", default="auto", help="auto (accelerator if any, else cpu), cpu, cuda:0, ...")
     p.add_argument("--out", default="regions.png", help="PNG to write")
     add_method_options(p)
     p.set_defaults(func=cmd_plot_regions)
@@ -278,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"smoothcert {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as e:  # a user's error: one line, no traceback (other errors keep theirs)
+        print(f"smoothcert {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"smoothcert {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -8,8 +8,12 @@ or an interruption.
 Files: ``OUT`` is a TSV with one row per input, first columns exactly Cohen's ``idx label predict radius correct
 time`` (``idx label predict correct time`` for PREDICT), the method's columns after them; ``OUT.json`` records the
 whole configuration, seed and package versions. Rows are flushed and fsynced after every batch. Run the same
-command again and it keeps every complete row, drops a torn last line, and carries on after the last index done;
-it refuses a results file written with another configuration and says which settings differ.
+command again and it keeps every complete row, drops a torn last line, carries on after the last index done and
+says so (from which row). A larger ``--max`` extends a file; the settings a command declares ``continuable`` (the
+batch sizes of a run that only samples: they change how many inputs share a forward pass, never an input's random
+numbers, as long as ``block``, the samples of one input per forward pass, is unchanged) may change on resume. It
+refuses a results file written with another configuration and names the settings that differ. A file that holds
+no complete row (and no side files) is replaced by a run with other settings, which says so.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +40,15 @@ PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
 RUNNER_COLUMNS = ("idx", "label", "correct", "time")
 
 #: Sidecar keys that may differ between the first run and a resumed one.
-_VOLATILE = ("versions", "started")
+_VOLATILE = ("versions", "started", "resumed")
+#: Sidecar keys of the selection: a resumed run may select more inputs (a larger ``--max``), checked by the rows.
+_SELECTION = ("max", "count", "indices")
+
+
+def samples_per_pass(batch_size: int, inputs_per_batch: int) -> int:
+    """``block``: samples of one input per forward pass (:attr:`smoothcert.methods.base.RunContext.block`). Each
+    input's noise is drawn in blocks of this size, so it is part of what fixes the numbers."""
+    return max(1, batch_size // inputs_per_batch)
 
 
 def versions() -> dict[str, str]:
@@ -76,6 +89,18 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
+def _describe(key: str, old: Any, new: Any) -> str:
+    """One difference, short: lists by what one side has and the other lacks, not in full."""
+    if isinstance(old, list) and isinstance(new, list):
+        gone = [str(v) for v in old if v not in new]
+        added = [str(v) for v in new if v not in old]
+        parts = ([f"the file has {', '.join(gone[:4])}{' ...' if len(gone) > 4 else ''} that this run lacks"]
+                 if gone else []) + ([f"this run adds {', '.join(added[:4])}{' ...' if len(added) > 4 else ''}"]
+                                     if added else [])
+        return f"{key}: " + ("; ".join(parts) if parts else "another order")
+    return f"{key}: file has {old!r}, this run has {new!r}"
+
+
 @dataclass
 class ResultsFile:
     """A TSV results file with its JSON sidecar; see the module docstring for the resume rules."""
@@ -83,6 +108,12 @@ class ResultsFile:
     path: Path
     columns: tuple[str, ...]
     config: dict[str, Any]
+    #: Settings (sidecar keys) that may differ from the file's on resume; the new values are recorded.
+    continuable: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.notes: list[str] = []  # what open() did beyond creating or plainly resuming, for the user
+        self.changed: list[tuple[str, Any, Any]] = []
 
     @property
     def sidecar(self) -> Path:
@@ -98,12 +129,37 @@ class ResultsFile:
                 f.flush()
                 os.fsync(f.fileno())
             return []
-        self._check_sidecar()
-        return self._complete_rows()
+        try:
+            self._check_sidecar()
+            rows = self._complete_rows()
+        except ValueError as refused:
+            if not self._replaceable():
+                raise
+            self.notes.append(f"{self.path} held no complete row: replaced it and its {self.sidecar.name} "
+                              f"({' '.join(str(refused).split())[:300]})")
+            self.path.unlink()
+            return self.open()
+        if self.changed:
+            self._write_sidecar(resumed={"at_row": len(rows), "changed": {k: [a, b] for k, a, b in self.changed}})
+        return rows
 
-    def _write_sidecar(self) -> None:
+    def _replaceable(self) -> bool:
+        """A file this package wrote (it has its sidecar) that holds no complete row and has no side files."""
+        if not self.sidecar.exists():
+            return False
+        with open(self.path, "rb") as f:
+            if f.read().count(b"\n") > 1:
+                return False
+        prefix = self.path.name + "."
+        return not any(p.name.startswith(prefix) and p != self.sidecar for p in self.path.parent.iterdir())
+
+    def _write_sidecar(self, resumed: dict[str, Any] | None = None) -> None:
         data = {**self.config, "columns": list(self.columns), "versions": versions(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if resumed is not None:
+            old = json.loads(self.sidecar.read_text())
+            data["started"] = old.get("started", data["started"])
+            data["resumed"] = [*old.get("resumed", []), {**resumed, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}]
         tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp, self.sidecar)
@@ -117,12 +173,23 @@ class ResultsFile:
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.sidecar} is not valid JSON ({e}); choose another output path") from e
         new = json.loads(json.dumps({**self.config, "columns": list(self.columns)}, default=str))
+        if "block" in new and "block" not in old and {"batch_size", "inputs_per_batch"} <= set(old):
+            old["block"] = samples_per_pass(old["batch_size"], old["inputs_per_batch"])  # files from before "block"
         diff = _differences({k: v for k, v in old.items() if k not in _VOLATILE},
                             {k: v for k, v in new.items() if k not in _VOLATILE})
-        if diff:
-            detail = "; ".join(f"{k}: file has {a!r}, this run has {b!r}" for k, a, b in diff[:6])
-            raise ValueError(f"refusing to append to {self.path}: it was written with another configuration ({detail}). "
-                             "Use the same settings to resume, or another output path")
+        free = set(_SELECTION) | set(self.continuable)
+        refused = [d for d in diff if d[0] not in free]
+        # a method's name first (its settings follow from it), the columns last (they follow from the method)
+        refused.sort(key=lambda d: 0 if d[0].endswith("name") else 2 if d[0] == "columns" else 1)
+        if refused:
+            detail = "; ".join(_describe(*d) for d in refused[:6])
+            more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+            hint = (" (block = batch-size // inputs-per-batch, the samples of one input per forward pass: the noise "
+                    "is drawn in blocks, so another block can change the numbers)"
+                    if any(d[0] == "block" for d in refused) else "")
+            raise ValueError(f"refusing to append to {self.path}: it was written with another configuration "
+                             f"({detail}{more}){hint}. Use the same settings to resume, or another output path")
+        self.changed = diff
 
     def _complete_rows(self) -> list[dict[str, str]]:
         with open(self.path, "rb") as f:
@@ -154,6 +221,16 @@ class ResultsFile:
             os.fsync(f.fileno())
 
 
+def resume_message(results: ResultsFile, done: int, indices: Sequence[int]) -> str:
+    """What a resumed run says: the rows kept, where it continues, and the settings it changed."""
+    if done >= len(indices):
+        where = f"all {len(indices)} selected inputs are done"
+    else:
+        where = f"continuing at row {done + 1} of {len(indices)} (dataset index {indices[done]})"
+    changed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in results.changed if k not in ("count", "indices"))
+    return f"resuming {results.path}: kept its {done} complete rows, {where}" + (f"; changed {changed}" if changed else "")
+
+
 def run_dataset(
     results: ResultsFile,
     inputs: Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]],
@@ -174,8 +251,15 @@ def run_dataset(
     done_rows = results.open()
     done = [int(r["idx"]) for r in done_rows]
     if done != list(indices[: len(done)]):
+        if len(done) > len(indices) and done[: len(indices)] == list(indices):
+            raise ValueError(f"{results.path} already holds {len(done)} rows, more than the {len(indices)} inputs "
+                             "this run selects: give its --max (or a larger one) to extend it, or another output path")
         raise ValueError(f"{results.path} holds indices {done[:5]}... that are not the start of this run's "
                          f"selection {list(indices[:5])}...; use the same --skip/--max or another output path")
+    for note in results.notes:
+        print(note, file=sys.stderr)
+    if done:
+        print(resume_message(results, len(done), indices), file=sys.stderr)
     if on_open is not None:
         on_open(done)
     todo = list(indices[len(done):])
@@ -197,3 +281,24 @@ def run_dataset(
     finally:
         bar.close()
     return results.path
+
+
+#: The column in which a data-dependent method flags a chosen scale at its floor or at an extreme.
+FLAG_COLUMN = "scale_flag"
+
+
+def flag_summary(path: Path) -> list[str]:
+    """Lines that summarize the flagged rows of a results file (``scale_flag`` other than ``none``), if any."""
+    with open(path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if FLAG_COLUMN not in header:
+            return []
+        at = header.index(FLAG_COLUMN)
+        values = [line.rstrip("\n").split("\t") for line in f]
+    values = [v[at] for v in values if len(v) == len(header)]
+    counts: dict[str, int] = {}
+    for v in values:
+        if v != "none":
+            counts[v] = counts.get(v, 0) + 1
+    return [f"note: {k} scale in {c} of {len(values)} rows ({FLAG_COLUMN} column): see the method's documentation"
+            for k, c in sorted(counts.items())]

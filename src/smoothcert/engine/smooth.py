@@ -12,12 +12,18 @@ runner-up's rejects equality at level ``alpha``, else abstain. The answer is wro
 
 :class:`Smooth` keeps the classic interface of Cohen et al.'s reference code, so scripts switch by changing
 one import; :func:`certify` and :func:`predict` take a batch of inputs and any noise and return full records.
+
+The base classifier is sampled in eval mode (:func:`evaluation_mode`): a model left in train mode would change its
+BatchNorm statistics and drop units while it is sampled. Each submodule's own mode is restored afterwards; nothing
+else of the model is touched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +37,24 @@ from smoothcert.validation import check_alpha, check_count, check_inputs, check_
 
 ABSTAIN = -1
 
-__all__ = ["ABSTAIN", "Certificate", "Smooth", "certify", "predict", "dtype_name"]
+__all__ = ["ABSTAIN", "Certificate", "Smooth", "certify", "predict", "dtype_name", "evaluation_mode"]
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """``model`` (an ``nn.Module``) in eval mode inside the block, every submodule's ``training`` flag restored
+    after (also after an error). The smoothed classifier is that of the model in eval mode (BatchNorm with its
+    running statistics, no dropout); a function that is not a module is left alone."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -157,18 +180,8 @@ def certify(
     _check_support(x, noise if isinstance(noise, Noise) else noises)
     select, *estimate = _streams(generators, x, 2, more=True)
     kw = dict(batch_size=batch_size, block=block, dtype=dtype)
-    selection = sample_counts(model, x, noises, n0, num_classes, generators=select, **kw)
-    top = selection.argmax(dim=1)
-    for observer in observers:
-        if hasattr(observer, "begin"):
-            observer.begin(top)
-    counts = 0
-    for part, size in zip(estimate, _part_sizes(n, len(estimate))):
-        if size:
-            counts = counts + sample_counts(model, x, noises, size, num_classes, generators=part,
-                                            observers=observers, **kw)
-    counts = counts.cpu().numpy()
-    top = top.cpu().numpy()
+    with evaluation_mode(model):
+        counts, top = _certify_counts(model, x, noises, n0, n, num_classes, select, estimate, observers, kw)
     n_a = counts[np.arange(len(top)), top]
     p_lower = np.atleast_1d(clopper_pearson_lower(n_a, np.full_like(n_a, n), alpha))
     out = []
@@ -183,6 +196,20 @@ def certify(
         out.append(Certificate(int(top[i]), p, counts[i], g, region, region.inscribed_radius,
                                region.proxy_radius, n0, n, alpha, dtype_name(dtype), noises[i], seed))
     return out
+
+
+def _certify_counts(model, x, noises, n0, n, num_classes, select, estimate, observers, kw):
+    """Selection counts' top class, then the estimation counts from fresh streams (parts in order)."""
+    top = sample_counts(model, x, noises, n0, num_classes, generators=select, **kw).argmax(dim=1)
+    for observer in observers:
+        if hasattr(observer, "begin"):
+            observer.begin(top)
+    counts = 0
+    for part, size in zip(estimate, _part_sizes(n, len(estimate))):
+        if size:
+            counts = counts + sample_counts(model, x, noises, size, num_classes, generators=part,
+                                            observers=observers, **kw)
+    return counts.cpu().numpy(), top.cpu().numpy()
 
 
 def predict(
@@ -215,8 +242,9 @@ def predict(
     _check_support(x, noise)
     (gens,) = _streams(generators, x, 1)
     voids = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    counts = sample_counts(model, x, noise, n, num_classes, generators=gens, batch_size=batch_size,
-                           block=block, dtype=dtype, voids=voids).cpu().numpy()
+    with evaluation_mode(model):
+        counts = sample_counts(model, x, noise, n, num_classes, generators=gens, batch_size=batch_size,
+                               block=block, dtype=dtype, voids=voids).cpu().numpy()
     voids = voids.cpu().numpy()
     order = np.argsort(-counts, axis=1, kind="stable")
     out = np.full(x.shape[0], ABSTAIN, dtype=np.int64)
@@ -269,14 +297,34 @@ class Smooth:
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         return x.unsqueeze(0)
 
+    def _one_input(self, x: torch.Tensor, run: Callable[[torch.Tensor], Any], what: str):
+        """``run(x[None])``; when that fails but the model takes ``x`` itself as a batch of one, the caller gave
+        ``x`` with a batch dimension: say so instead of the model's shape error."""
+        single = self._single(x)
+        try:
+            return run(single)
+        except (RuntimeError, ValueError) as e:
+            if x.ndim < 2 or x.shape[0] != 1 or not isinstance(self.base_classifier, torch.nn.Module):
+                raise
+            try:
+                with torch.inference_mode(), evaluation_mode(self.base_classifier):
+                    out = self.base_classifier(x.to(torch.float32))
+            except Exception:  # noqa: BLE001 - the model cannot read x as a batch either: the first error stands
+                raise e from None
+            if not (isinstance(out, torch.Tensor) and tuple(out.shape) == (1, self.num_classes)):
+                raise
+            raise ValueError(f"Smooth.{what} takes one input without a batch dimension, got shape "
+                             f"{tuple(x.shape)} (a batch of one): pass x[0], or use {what}_batch(x) for a batch"
+                             ) from e
+
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int) -> tuple[int, float]:
-        """Cohen's CERTIFY for one input: ``(class, l2 radius)`` or ``(ABSTAIN, 0.0)``."""
-        (cert,) = self.certify_batch(self._single(x), n0, n, alpha, batch_size)
+        """Cohen's CERTIFY for one input (no batch dimension): ``(class, l2 radius)`` or ``(ABSTAIN, 0.0)``."""
+        (cert,) = self._one_input(x, lambda b: self.certify_batch(b, n0, n, alpha, batch_size), "certify")
         return cert.prediction, cert.radius
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int) -> int:
-        """Cohen's PREDICT for one input: a class or ``ABSTAIN``."""
-        return int(self.predict_batch(self._single(x), n, alpha, batch_size)[0])
+        """Cohen's PREDICT for one input (no batch dimension): a class or ``ABSTAIN``."""
+        return int(self._one_input(x, lambda b: self.predict_batch(b, n, alpha, batch_size), "predict")[0])
 
     def certify_batch(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int = 1000,
                       noise: Noise | Sequence[Noise] | None = None, generators: Sequence | None = None,
@@ -299,8 +347,9 @@ class Smooth:
     # The reference implementation's helpers, kept for scripts that call them.
     def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int) -> np.ndarray:
         gen = self._gen(x.device)
-        return sample_counts(self.base_classifier, self._single(x), self.noise, num, self.num_classes,
-                             batch_size=batch_size, generators=[gen], dtype=self.dtype)[0].cpu().numpy()
+        with evaluation_mode(self.base_classifier):
+            return sample_counts(self.base_classifier, self._single(x), self.noise, num, self.num_classes,
+                                 batch_size=batch_size, generators=[gen], dtype=self.dtype)[0].cpu().numpy()
 
     def _lower_confidence_bound(self, NA: int, N: int, alpha: float) -> float:  # noqa: N803 - reference names
         return float(clopper_pearson_lower(NA, N, alpha))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from smoothcert.methods.base import CertifyMethod, RunContext
-from smoothcert.evaluation.tables import save_figure
+from smoothcert.evaluation.plots import save_figure
 from smoothcert.geometry.regions import Ball, Ellipsoid, Region
 
 #: Region colours, one per method in the order the methods are drawn (then again from the start).
@@ -79,6 +79,8 @@ def plot_regions(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Ten
     ax.scatter(inputs[:, 0], inputs[:, 1], c=labels, cmap=ListedColormap(palette), s=6, alpha=0.6,
                vmin=-0.5, vmax=num_classes - 0.5)
     ax.scatter(x[:, 0].cpu(), x[:, 1].cpu(), marker="x", color="black", s=40, zorder=5)
+    for index, (px, py) in zip(points, x.cpu().tolist()):  # number the certified points by dataset index
+        ax.annotate(str(index), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8, zorder=6)
     for number, method in enumerate(methods):
         color = PALETTE[number % len(PALETTE)]
         regions = method_regions(method, ctx, x, list(points))
@@ -92,6 +94,10 @@ def plot_regions(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Ten
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_aspect("equal")
+    ax.set_xlabel("input coordinate x1")
+    ax.set_ylabel("input coordinate x2")
     ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(f"certified regions, n = {n:,}, alpha = {alpha}")
+    ax.set_title(f"certified regions around the numbered points (dataset indices), n = {n:,}, alpha = {alpha}\n"
+                 "background: the base classifier's predicted class; dots: the split's inputs by label",
+                 fontsize=8)
     return save_figure(fig, out)

@@ -9,18 +9,26 @@
   the mean of ``R_method - R_baseline`` over the inputs both classify correctly, matched by dataset index.
 
 Reads smoothcert's TSVs and the logs of the classic reference code (same first columns, ``time`` as
-``H:MM:SS.ffffff``).
+``H:MM:SS.ffffff``), and smoothcert's ``OUT.json`` sidecar when there is one: the plot then says which data set,
+sigma, n, alpha and how many inputs each curve is, and the report warns when compared files certified other
+models or data. A PREDICT log (no ``radius`` column) gets its own table: accuracy, abstention, wrong answers.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from scipy.stats import norm
+
+from smoothcert.evaluation.plots import draw_curves, save_figure  # noqa: F401 (save_figure: kept importable here)
 
 __all__ = ["Results", "load_results", "certified_accuracy", "average_certified_radius", "average_radius_improvement",
            "report", "plot_curves"]
@@ -39,9 +47,48 @@ class Results:
     seconds: np.ndarray
     radius_proxy: np.ndarray
     columns: dict[str, list[str]]
+    #: The run's configuration from ``OUT.json`` (empty for the reference code's logs).
+    config: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.label)
+
+    @property
+    def certifies(self) -> bool:
+        """Whether the file holds radii (CERTIFY) rather than PREDICT's answers only."""
+        return "radius" in self.columns
+
+    @property
+    def sigma(self) -> float | None:
+        value = self.config.get("method", {}).get("sigma") if isinstance(self.config.get("method"), dict) else None
+        value = self.config.get("sigma") if value is None else value
+        return None if value is None else float(value)
+
+    def settings(self) -> dict[str, str]:
+        """What the run was, from its sidecar: data set and split, method, sigma, n, alpha, the number of inputs."""
+        c, out = self.config, {}
+        if c.get("dataset"):
+            out["data"] = f"{c['dataset']} {c.get('split', '')}".strip()
+        if isinstance(c.get("method"), dict):
+            out["method"] = str(c["method"].get("name"))
+        for key, shown in (("sigma", self.sigma), ("n", c.get("n")), ("alpha", c.get("alpha"))):
+            if shown is not None:
+                out[key] = f"{key} {shown:,}" if key == "n" else f"{key} {shown:g}"
+        out["inputs"] = f"{len(self)} inputs"
+        return out
+
+    def ceiling(self) -> float | None:
+        """``sigma Phi^-1(alpha^(1/n))``, the largest radius of the isotropic certificate at ``sigma`` with ``n``
+        samples at level ``alpha`` (one-sided Clopper-Pearson with all ``n`` votes for the top class), when every
+        row's radius is at most ``sigma * gap`` (so the bound holds for this file); else None."""
+        sigma, n, alpha = self.sigma, self.config.get("n"), self.config.get("alpha")
+        if sigma is None or n is None or alpha is None or "gap" not in self.columns:
+            return None
+        gap = np.array([float(v) for v in self.columns["gap"]])
+        rows = self.radius > 0
+        if not np.all(self.radius[rows] <= sigma * gap[rows] * (1 + 1e-6)):
+            return None
+        return float(sigma * norm.ppf(float(alpha) ** (1.0 / float(n))))
 
 
 def _seconds(text: str) -> float:
@@ -66,6 +113,8 @@ def load_results(path: str | Path, name: str | None = None) -> Results:
     if not needed <= set(header):
         raise ValueError(f"{path} is not a results file: it needs columns {sorted(needed)}, has {header}")
     body = [r for r in rows[1:] if len(r) == len(header)]
+    if not body:
+        raise ValueError(f"{path} holds no complete row yet (only its header): nothing to report")
     cols = {h: [r[i] for r in body] for i, h in enumerate(header)}
 
     def floats(key, default=0.0):
@@ -82,7 +131,19 @@ def load_results(path: str | Path, name: str | None = None) -> Results:
         seconds=np.array([_seconds(v) for v in cols["time"]]) if "time" in cols else np.zeros(len(body)),
         radius_proxy=floats("radius_proxy") if "radius_proxy" in cols else radius,
         columns=cols,
+        config=_sidecar(path),
     )
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    """``OUT.json`` beside a results file, or ``{}`` (the reference code's logs have none)."""
+    side = path.with_name(path.name + ".json")
+    try:
+        data = json.loads(side.read_text()) if side.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        warnings.warn(f"{side} is not readable JSON: {path} is reported without its settings", stacklevel=3)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii: Sequence[float]) -> np.ndarray:
@@ -132,18 +193,47 @@ def summary_table(results: Sequence[Results], radii: Sequence[float], *, latex: 
     """Certified accuracy at ``radii``, ACR, clean accuracy, abstention rate and seconds per input, per file."""
     header = ["method", "inputs"] + [f"r={r:g}" for r in radii] + ["ACR", "clean acc.", "abstain", "s/input"]
     rows = []
-    for res in results:
+    for res in (r for r in results if r.certifies):
         acc = certified_accuracy(res.radius, res.correct, radii)
         rows.append([res.name, str(len(res))] + [f"{a:.3f}" for a in acc] + [
             f"{average_certified_radius(res.radius, res.correct):.3f}", f"{np.mean(res.correct):.3f}",
             f"{np.mean(res.predict == -1):.3f}", f"{np.mean(res.seconds):.3g}"])
-    text = _table(header, rows, latex)
-    if proxy:
+    text = _table(header, rows, latex) if rows else ""
+    answers = [r for r in results if not r.certifies]
+    if answers:
+        text = (text + "\n\n" if text else "") + predict_table(answers, latex=latex)
+    if proxy and rows:
         header = ["method"] + [f"proxy r={r:g}" for r in radii] + ["proxy ACR"]
         rows = [[res.name] + [f"{a:.3f}" for a in certified_accuracy(res.radius_proxy, res.correct, radii)]
                 + [f"{average_certified_radius(res.radius_proxy, res.correct):.3f}"] for res in results]
         text += "\n\n" + _table(header, rows, latex)
     return text
+
+
+def predict_table(results: Sequence[Results], *, latex: bool = False) -> str:
+    """PREDICT logs: accuracy (correct answers over all inputs), abstention rate, wrong answers (not abstained
+    and wrong: at most ``alpha`` of the inputs in expectation when PREDICT agrees with ``g``) and seconds per input."""
+    header = ["method", "inputs", "accuracy", "abstain", "wrong", "s/input"]
+    rows = [[r.name, str(len(r)), f"{np.mean(r.correct):.3f}", f"{np.mean(r.predict == -1):.3f}",
+             f"{np.mean(~r.correct & (r.predict != -1)):.3f}", f"{np.mean(r.seconds):.3g}"] for r in results]
+    return _table(header, rows, latex)
+
+
+def comparison_warnings(results: Sequence[Results]) -> list[str]:
+    """What makes files hard to compare: other models (checkpoint sha256) or other data (data set, split)."""
+    known = [r for r in results if r.config]
+    out = []
+    for what, key in (("models", lambda c: tuple(x.get("sha256") for x in c.get("checkpoints", []))),
+                      ("data", lambda c: (c.get("dataset"), c.get("split")))):
+        groups: dict[Any, list[str]] = {}
+        for r in known:
+            groups.setdefault(key(r.config), []).append(r.name)
+        if len(groups) > 1:
+            parts = [f"{', '.join(names)}" for names in groups.values()]
+            shown = "; ".join(f"{'/'.join(str(v)[:12] for v in k)}: {p}" for k, p in zip(groups, parts))
+            out.append(f"the files come from different {what} ({shown}): their numbers are not a like-for-like "
+                       "comparison")
+    return out
 
 
 #: Norms whose zeroth- and first-order radii a first-order log holds as ``radius_<norm>_0`` / ``radius_<norm>_1``.
@@ -202,36 +292,39 @@ def topk_tables(results: Sequence[Results], radii: Sequence[float], *, latex: bo
 
 
 def plot_curves(results: Sequence[Results], path: str | Path, *, proxy: bool = False) -> Path:
-    """Write a PNG of certified accuracy against radius, one curve per results file."""
-    import matplotlib
+    """Write a PNG of certified accuracy against radius, one curve per CERTIFY results file.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    top = max([float(np.max(r.radius_proxy if proxy else r.radius, initial=0.0)) for r in results] + [0.1])
+    The title holds the settings all files share (data set, method, sigma, n, alpha, inputs, from the sidecars),
+    each legend entry the file's name and the settings where it differs; the Clopper-Pearson ceiling
+    ``sigma Phi^-1(alpha^(1/n))`` of each file where it applies is a dashed line (:meth:`Results.ceiling`).
+    """
+    results = [r for r in results if r.certifies]
+    if not results:
+        raise ValueError("no CERTIFY results to plot (PREDICT logs have no radii)")
+    settings = [r.settings() for r in results]
+    shared = {k: v for k, v in settings[0].items() if all(s.get(k) == v for s in settings)}
+    ceilings = {c for c in (r.ceiling() for r in results) if c is not None and not proxy}
+    top = max([float(np.max(r.radius_proxy if proxy else r.radius, initial=0.0)) for r in results]
+              + [0.1] + [c for c in ceilings])
     grid = np.linspace(0.0, top * 1.05, 400)
-    for res in results:
-        radius = res.radius_proxy if proxy else res.radius
-        ax.plot(grid, certified_accuracy(radius, res.correct, grid), label=res.name)
-    ax.set_xlabel("proxy radius" if proxy else "l2 radius")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save_figure(fig, path)
+    curves = []
+    for res, own in zip(results, settings):
+        extra = [v for k, v in own.items() if k not in shared]
+        curves.append((res.name + (f" ({', '.join(extra)})" if extra else ""), grid,
+                       certified_accuracy(res.radius_proxy if proxy else res.radius, res.correct, grid)))
+    title = "certified accuracy" + (f": {', '.join(shared.values())}" if shared else "")
+    marks = [(c, f"Clopper-Pearson ceiling {c:.3g} = sigma Phi^-1(alpha^(1/n))") for c in sorted(ceilings)]
+    return draw_curves(curves, path, xlabel="proxy radius" if proxy else "l2 radius", title=title, ceilings=marks)
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out ``fig``, write it to ``path`` (creating the folder) and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+def distinct_names(paths: Sequence[str | Path]) -> list[str]:
+    """Names for ``paths`` that tell them apart: the file stem, with as many parent folders as needed."""
+    paths = [Path(p) for p in paths]
+    for depth in range(1, max((len(p.parts) for p in paths), default=1) + 1):
+        names = ["/".join(p.with_suffix("").parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
 
 
 def improvement_table(results: Sequence[Results], baseline: Results, *, latex: bool = False) -> str:
@@ -253,7 +346,10 @@ def report(files: Sequence[str | Path], *, radii: Sequence[float] = (0.0, 0.25, 
     """
     if labels is not None and len(labels) != len(files):
         raise ValueError(f"got {len(labels)} labels for {len(files)} files")
-    results = [load_results(f, None if labels is None else labels[i]) for i, f in enumerate(files)]
+    names = distinct_names(files) if labels is None else list(labels)
+    results = [load_results(f, names[i]) for i, f in enumerate(files)]
+    for message in comparison_warnings(results):
+        warnings.warn(message, stacklevel=2)
     text = summary_table(results, radii, latex=latex, proxy=proxy)
     if baseline is not None:
         text += "\n\n" + improvement_table(results, load_results(baseline), latex=latex)
@@ -265,5 +361,7 @@ def report(files: Sequence[str | Path], *, radii: Sequence[float] = (0.0, 0.25, 
     if per_norm:
         text += "\n\n" + per_norm
     if plot is not None:
+        if not any(r.certifies for r in results):
+            raise ValueError("--plot draws certified accuracy against radius: these PREDICT logs have no radii")
         text += f"\n\nplot: {plot_curves(results, plot)}"
     return text

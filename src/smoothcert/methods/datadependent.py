@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from smoothcert.engine.smooth import Certificate, certify
+from smoothcert.engine.smooth import Certificate, certify, evaluation_mode
 from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
 from smoothcert.methods.compare_base import compare_with_base
 from smoothcert.methods.memory_replay import RunMemory
@@ -86,6 +86,9 @@ class DataDependentSettings(Settings):
                        "always the optimized noise)")
 
 
+#: A certified scale this many times sigma_0 (or more) is flagged ``extreme``; the DDS floor is sigma_0 / 100.
+EXTREME_SCALE = 100.0
+
 # ----------------------------------------------------------------------------------------------------------------
 # The method plug-in
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,11 +113,14 @@ class DataDependentMethod(CertifyMethod):
     stays the l2 inscribed radius), ``memory`` (kept / shrunk / abstained; ``off`` without memory; ``n/a`` when
     certification abstained), ``fallback`` (``none`` or why the isotropic noise at sigma_0 was used) and
     ``noise_kept`` (``optimized``, or ``base`` where ``--compare-base`` chose the noise at sigma_0,
-    :mod:`.compare_base`).
+    :mod:`.compare_base`);
+    ``scale_flag``: ``at-floor`` when the DDS scale ended at the ascent's floor (sigma_0 / 100, :func:`optimize_dds`),
+    ``extreme`` when a certified scale is at least :data:`EXTREME_SCALE` times sigma_0, else ``none`` (the
+    certificate stays sound either way; such a row says the optimization ran to an edge and is worth a look).
     """
 
     columns = ("sigma", "scale_iso", "min_scale", "max_scale", "norm", "radius_norm", "memory", "fallback",
-               "noise_kept")
+               "noise_kept", "scale_flag")
     settings_type = DataDependentSettings
     keywords = {"samples": "opt_samples", "gap": "opt_gap", "max_batch": "opt_batch_size"}
 
@@ -188,7 +194,8 @@ class DataDependentMethod(CertifyMethod):
     def certify(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
                 ) -> list[MethodRecord]:
         try:
-            choices = self.choose(ctx, x, indices)
+            with evaluation_mode(ctx.model):  # the optimizers sample the model as certified: in eval mode
+                choices = self.choose(ctx, x, indices)
         except NotDifferentiable as e:
             choices = self.fallback_choices(x.shape[0], "not-differentiable: " + " ".join(str(e).split()))
         if self.settings.compare_base:
@@ -227,12 +234,22 @@ class DataDependentMethod(CertifyMethod):
             memory = "off"
         else:
             memory = "n/a" if cert.abstained else decision.action
-        fields = {"sigma": self.sigma, "scale_iso": float(extra.pop("scale_iso", float("nan"))),
+        scale_iso = float(extra.pop("scale_iso", float("nan")))
+        fields = {"sigma": self.sigma, "scale_iso": scale_iso,
                   "min_scale": float(scales.min()), "max_scale": float(scales.max()), "norm": self.norm,
                   "radius_norm": radius_norm, "memory": memory, "fallback": chosen.fallback,
-                  "noise_kept": "optimized" if chosen.fallback == "none" else "base"}
+                  "noise_kept": "optimized" if chosen.fallback == "none" else "base",
+                  "scale_flag": self.scale_flag(scale_iso, scales)}
         fields.update({k: v for k, v in extra.items() if k in self.columns})
         return {column: fields.get(column, "none") for column in self.columns}
+
+    def scale_flag(self, scale_iso: float, scales: torch.Tensor) -> str:
+        """``at-floor``, ``extreme`` or ``none`` for the chosen scales (see the class docstring)."""
+        if scale_iso <= self.base_scale / 100.0 * (1 + 1e-5):  # optimize_dds's floor, scale0 / 100 (float32)
+            return "at-floor"
+        if float(scales.max()) >= EXTREME_SCALE * self.base_scale:
+            return "extreme"
+        return "none"
 
     def open(self, ctx: RunContext, results: Path, done: Sequence[int]) -> None:
         self.noise_store = NoiseStore(results, self.name)
