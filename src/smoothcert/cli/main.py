@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from smoothcert.cli.checks import check_demo_options, check_input_shape, check_plot_options, check_run_options
 from smoothcert.cli.common import load_base_classifier, resolve_device
 from smoothcert.cli.demo import run_demo
+from smoothcert.cli.distributed import check_distributed, run_distributed
 from smoothcert.cli.options import add_method_options, build_method, dest_of
 from smoothcert.cli.runner import (CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, flag_summary, run_dataset,
                                    samples_per_pass, select_indices)
@@ -135,7 +137,8 @@ def _setup(args, method: type[CertifyMethod] | None = None):
     return device, model, num_classes, dataset, indices, inputs, run
 
 
-def cmd_certify(args) -> int:
+def certify_state(args):
+    """What ``certify`` builds from its parsed options: ``(method, ctx, inputs, indices, run)``."""
     cls = method_class(args.method)
     _check_sampling(args, cls)  # before the generic check, whose message is less specific
     _check_method_options(args, cls)
@@ -147,15 +150,34 @@ def cmd_certify(args) -> int:
                 "split": run["split"]}
     ctx = RunContext(model, num_classes, args.n0, args.n, args.alpha, args.batch_size, DTYPES[args.dtype],
                      args.seed, device, args.inputs_per_batch, identity)
+    return method, ctx, inputs, indices, run
+
+
+def worker_state(args):
+    """A distributed worker's ``(method, ctx, inputs)``, built from the driver's parsed options."""
+    method, ctx, inputs, _, _ = certify_state(args)
+    return method, ctx, inputs
+
+
+def cmd_certify(args) -> int:
+    check_distributed(args.workers, args.ray_address, args.worker_cpus, args.worker_gpus)
+    method, ctx, inputs, indices, run = certify_state(args)
+    cls = type(method)
     columns = CERTIFY_COLUMNS + COMMON_COLUMNS + tuple(c for c in cls.columns if c not in COMMON_COLUMNS)
     # a method that only samples may change its batch sizes on resume (the numbers depend on "block" only)
     results = ResultsFile(Path(args.out), columns, {"command": "certify", **run, "n0": args.n0,
                                                     "method": method.config()},
                           continuable=("batch_size", "inputs_per_batch") if cls.samples_only else ())
+    on_open = lambda done: method.open(ctx, results.path, done)  # noqa: E731
     try:
-        run_dataset(results, inputs, indices, lambda x, y, idx: method.certify(ctx, x, y, idx),
-                    inputs_per_batch=args.inputs_per_batch,
-                    on_open=lambda done: method.open(ctx, results.path, done), progress=not args.no_progress)
+        if args.workers is not None or args.ray_address is not None:
+            run_distributed(results, inputs, indices, method, ctx, partial(worker_state, args),
+                            workers=args.workers or 1, address=args.ray_address,
+                            inputs_per_batch=args.inputs_per_batch, cpus_per_worker=args.worker_cpus,
+                            gpus_per_worker=args.worker_gpus, on_open=on_open, progress=not args.no_progress)
+        else:
+            run_dataset(results, inputs, indices, lambda x, y, idx: method.certify(ctx, x, y, idx),
+                        inputs_per_batch=args.inputs_per_batch, on_open=on_open, progress=not args.no_progress)
     finally:
         method.close()
     print(f"wrote {results.path} ({len(indices)} inputs) and {results.sidecar}")
@@ -247,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="fixed", choices=sorted(CertifyMethod.registry),
                    help="certification method (default: fixed, Cohen et al.)")
     add_method_options(p)
+    p.add_argument("--workers", type=int, default=None,
+                   help="certify on this many Ray worker actors (a local Ray on 127.0.0.1 unless --ray-address); "
+                        "the rows equal a local run's; needs pip install 'smoothcert[ray]'")
+    p.add_argument("--ray-address", default=None,
+                   help="HOST:PORT of a running Ray cluster to join (default: start a local one for --workers)")
+    p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs each worker reserves (default 1)")
+    p.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs each worker reserves (default 0)")
     p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("predict", help="PREDICT (with abstention) over a data set split; resumable TSV results")

@@ -231,6 +231,35 @@ def resume_message(results: ResultsFile, done: int, indices: Sequence[int]) -> s
     return f"resuming {results.path}: kept its {done} complete rows, {where}" + (f"; changed {changed}" if changed else "")
 
 
+def batch_rows(records: Sequence[MethodRecord | Prediction], batch: Sequence[int], labels: torch.Tensor,
+               seconds: float, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of one batch: each record's ``columns`` and the runner's own ``idx label correct time`` (``time``:
+    seconds per input of the batch)."""
+    if len(records) != len(batch):
+        raise RuntimeError(f"a method returned {len(records)} records for {len(batch)} inputs")
+    rows = [record_row(record, columns) for record in records]
+    for row, i, y in zip(rows, batch, labels.tolist()):
+        row.update(idx=i, label=int(y), correct=int(int(row["predict"]) == int(y)), time=round(seconds, 4))
+    return rows
+
+
+def resume_point(results: ResultsFile, indices: Sequence[int]) -> list[int]:
+    """Open ``results`` and return the dataset indices already done, checked to be the start of ``indices``; say
+    on stderr what the file's opening noted and, for a resumed run, where it continues."""
+    done = [int(r["idx"]) for r in results.open()]
+    if done != list(indices[: len(done)]):
+        if len(done) > len(indices) and done[: len(indices)] == list(indices):
+            raise ValueError(f"{results.path} already holds {len(done)} rows, more than the {len(indices)} inputs "
+                             "this run selects: give its --max (or a larger one) to extend it, or another output path")
+        raise ValueError(f"{results.path} holds indices {done[:5]}... that are not the start of this run's "
+                         f"selection {list(indices[:5])}...; use the same --skip/--max or another output path")
+    for note in results.notes:
+        print(note, file=sys.stderr)
+    if done:
+        print(resume_message(results, len(done), indices), file=sys.stderr)
+    return done
+
+
 def run_dataset(
     results: ResultsFile,
     inputs: Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]],
@@ -248,18 +277,7 @@ def run_dataset(
     ``time``; those are filled here (``time`` is the batch's wall-clock seconds divided by its size).
     """
     own = [c for c in results.columns if c not in RUNNER_COLUMNS]
-    done_rows = results.open()
-    done = [int(r["idx"]) for r in done_rows]
-    if done != list(indices[: len(done)]):
-        if len(done) > len(indices) and done[: len(indices)] == list(indices):
-            raise ValueError(f"{results.path} already holds {len(done)} rows, more than the {len(indices)} inputs "
-                             "this run selects: give its --max (or a larger one) to extend it, or another output path")
-        raise ValueError(f"{results.path} holds indices {done[:5]}... that are not the start of this run's "
-                         f"selection {list(indices[:5])}...; use the same --skip/--max or another output path")
-    for note in results.notes:
-        print(note, file=sys.stderr)
-    if done:
-        print(resume_message(results, len(done), indices), file=sys.stderr)
+    done = resume_point(results, indices)
     if on_open is not None:
         on_open(done)
     todo = list(indices[len(done):])
@@ -271,12 +289,7 @@ def run_dataset(
             t0 = time.perf_counter()
             records = process(x, labels, batch)
             seconds = (time.perf_counter() - t0) / len(batch)
-            if len(records) != len(batch):
-                raise RuntimeError(f"a method returned {len(records)} records for {len(batch)} inputs")
-            rows = [record_row(record, own) for record in records]
-            for row, i, y in zip(rows, batch, labels.tolist()):
-                row.update(idx=i, label=int(y), correct=int(int(row["predict"]) == int(y)), time=round(seconds, 4))
-            results.append(rows)
+            results.append(batch_rows(records, batch, labels, seconds, own))
             bar.update(len(batch))
     finally:
         bar.close()

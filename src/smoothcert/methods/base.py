@@ -146,6 +146,17 @@ class CertifyMethod(ABC):
                 ) -> list[MethodRecord]:
         """One :class:`~smoothcert.methods.records.MethodRecord` per input."""
 
+    def propose(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]) -> list[Any]:
+        """The part of :meth:`certify` that depends on the inputs alone, so it may run in another process (a
+        distributed worker); :meth:`finish` turns its result into records. By default the records themselves."""
+        return self.certify(ctx, x, labels, indices)
+
+    def finish(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int],
+               proposals: Sequence[Any]) -> list[MethodRecord]:
+        """The part of :meth:`certify` that couples inputs (memory), run in dataset order by the process that
+        writes the results, on :meth:`propose`'s output: ``certify == finish(propose)`` (by default, identity)."""
+        return list(proposals)
+
     def certify_rows(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
                      ) -> list[dict[str, Any]]:
         """:meth:`certify`, each record as its row (:func:`~smoothcert.methods.records.record_row`)."""

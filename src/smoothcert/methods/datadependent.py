@@ -193,6 +193,11 @@ class DataDependentMethod(CertifyMethod):
     # -- certify -------------------------------------------------------------------------------------------
     def certify(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
                 ) -> list[MethodRecord]:
+        return self.finish(ctx, x, labels, indices, self.propose(ctx, x, labels, indices))
+
+    def propose(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
+                ) -> list[tuple[Choice, Certificate]]:
+        """Choose each input's noise and certify it (no memory): ``(choice, certificate)`` per input."""
         try:
             with evaluation_mode(ctx.model):  # the optimizers sample the model as certified: in eval mode
                 choices = self.choose(ctx, x, indices)
@@ -203,8 +208,13 @@ class DataDependentMethod(CertifyMethod):
         certs = certify(ctx.model, x, [c.noise for c in choices], ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
                         batch_size=ctx.batch_size, block=ctx.block, generators=ctx.certify_generators(indices),
                         dtype=ctx.dtype, seed=ctx.seed)
+        return list(zip(choices, certs))
+
+    def finish(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int],
+               proposals: Sequence[tuple[Choice, Certificate]]) -> list[MethodRecord]:
+        """Save each chosen noise and pass each certificate through the memory, in the order given."""
         records = []
-        for i, (idx, chosen, cert) in enumerate(zip(indices, choices, certs)):
+        for i, (idx, (chosen, cert)) in enumerate(zip(indices, proposals)):
             if self.noise_store is not None:
                 self.noise_store.save(int(idx), chosen.noise)
             decision = self.remember(int(idx), x[i], cert)
