@@ -107,6 +107,15 @@ def test_demo_uses_the_shipped_model_unless_retrained_and_says_what_it_certified
     assert certify[certify.index("--out") + 1] != main.calls[0][main.calls[0].index("--out") + 1]
 
 
+@pytest.mark.parametrize("inputs, n, message", [(100, -5, "n must be"), (0, 2000, "inputs must be"),
+                                                (100, 50, r"n0 \(selection samples\) must not exceed n")])
+def test_demo_rejects_bad_settings_before_any_work(tmp_path, inputs, n, message):
+    main = Recorder()
+    with pytest.raises(ValueError, match=message):
+        demo.run_demo(main, tmp_path / "out", num_inputs=inputs, n=n)
+    assert main.calls == [] and not (tmp_path / "out").exists()
+
+
 def test_demo_end_to_end_on_three_digits(tmp_path, capsys):
     from smoothcert.cli.main import main
 

@@ -23,6 +23,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from smoothcert.stats.bounds import max_certifiable_gap
+from smoothcert.validation import check_count, check_sample_sizes
 
 SIGMA = 0.25
 N0 = 100
@@ -90,6 +91,8 @@ def run_demo(main: Callable[[Sequence[str]], int], out: Path, *, num_inputs: int
              retrain: bool = False) -> None:
     """Run the demo through ``main`` (the command line's entry point); see the module docstring."""
     began = time.perf_counter()
+    check_count("inputs", num_inputs)
+    check_sample_sizes(N0, n)   # before any file or training: n >= n0 = 100
     out.mkdir(parents=True, exist_ok=True)
     model, tag = _model(main, out, retrain)
     settings = f"sigma {SIGMA}, n0 {N0}, n {n:,}, alpha {ALPHA}"
