@@ -22,6 +22,7 @@ def test_shipped_weights_match_their_manifest_and_are_package_data():
     path, manifest = demo.shipped_weights()
     weights = path.with_name(path.name + ".safetensors")
     assert file_digest(weights) == manifest["sha256"]
+    assert demo.tensors_digest(weights) == manifest["tensors_sha256"]
     assert manifest["command"] == demo.TRAIN_COMMAND
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["smoothcert"]
     shipped = [f"weights/{f.name}" for f in demo.weights_dir().iterdir() if f.is_file()]
@@ -105,6 +106,19 @@ def test_demo_uses_the_shipped_model_unless_retrained_and_says_what_it_certified
     certify = retrain.calls[1]
     assert certify[certify.index("--checkpoint") + 1] == str(tmp_path / demo.WEIGHTS_NAME)
     assert certify[certify.index("--out") + 1] != main.calls[0][main.calls[0].index("--out") + 1]
+    assert "retrained weights" not in capsys.readouterr().out          # nothing was trained: nothing compared
+
+
+def test_tensors_digest_ignores_the_header_order_but_not_a_weight(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(2, dtype=torch.int64)}
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"format": "pt", "arch": "m"})
+    save_file(dict(reversed(tensors.items())), str(tmp_path / "y.safetensors"), metadata={"arch": "m", "format": "pt"})
+    tensors["b"][1, 2] = 5.5
+    save_file(tensors, str(tmp_path / "z.safetensors"))
+    x, y, z = (demo.tensors_digest(tmp_path / f"{k}.safetensors") for k in "xyz")
+    assert x == y != z
 
 
 @pytest.mark.parametrize("inputs, n, message", [(100, -5, "n must be"), (0, 2000, "inputs must be"),

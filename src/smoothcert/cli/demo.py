@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+import torch
+
 from smoothcert.stats.bounds import max_certifiable_gap
 from smoothcert.validation import check_count, check_sample_sizes
 
@@ -65,6 +67,21 @@ def shipped_weights() -> tuple[Path, dict]:
     return folder / manifest["checkpoint"], manifest
 
 
+def tensors_digest(weights: Path) -> str:
+    """SHA-256 of a safetensors file's tensors (names, dtypes, shapes, bytes in name order): unlike the file's own
+    hash, it does not depend on the order in which the header's metadata was written, so a retraining with the
+    same command on the same software can be compared with the shipped weights."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(weights)).items()):
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def ceiling(n: int, alpha: float = ALPHA, sigma: float = SIGMA) -> float:
     """The largest radius CERTIFY can return with ``n`` samples: ``sigma * Phi^-1(alpha^(1/n))``."""
     return float(sigma * max_certifiable_gap(n, alpha))
@@ -84,6 +101,11 @@ def _model(main: Callable[[Sequence[str]], int], out: Path, retrain: bool) -> tu
     code = main(["train", *TRAIN_OPTIONS, "--out", str(model), *resume])
     if code:
         raise SystemExit(code)
+    weights = model.with_name(model.name + ".safetensors")
+    if weights.is_file():
+        same = tensors_digest(weights) == shipped_weights()[1]["tensors_sha256"]
+        print(f"the retrained weights {'equal' if same else 'differ from'} the shipped ones"
+              + ("" if same else " (other software versions or thread counts change the arithmetic)"))
     return model, "retrained"
 
 
