@@ -131,3 +131,21 @@ def test_the_runner_and_the_training_loop_write_lines_to_a_log(tmp_path, capsys)
     steps = [int(LINE.match(line).group(2)) for line in captured.err.splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8] and "epoch=2/2" in captured.err.splitlines()[-1]
     assert [line.split(":")[0] for line in captured.out.splitlines()] == ["epoch 1/2", "epoch 2/2"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "openpty"), reason="needs a pseudo-terminal")
+def test_a_terminal_of_no_width_gets_lines_and_a_sized_one_a_bar():
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as stream:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+        assert isinstance(progress(10, file=stream), LineProgress)     # tqdm would draw nothing there
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        bar = progress(10, file=stream)
+        assert not isinstance(bar, LineProgress)
+        bar.close()
+    os.close(master)

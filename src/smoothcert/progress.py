@@ -2,7 +2,7 @@
 
 :func:`progress` returns one reporter per stage:
 
-- on a terminal (the stream's ``isatty()``), a tqdm bar with rate and ETA, redrawn in place;
+- on a terminal (the stream's ``isatty()``, with a width), a tqdm bar with rate and ETA, redrawn in place;
 - in a Jupyter kernel, tqdm's notebook widget (``tqdm.auto``);
 - otherwise (CI, a log file, ``nohup``, a pipe) plain lines and never a carriage return: one line each time
   another ``percent`` percent of the stage is done or ``interval`` seconds have passed since the last line
@@ -17,6 +17,7 @@ Every reporter has ``update(n)``, ``set_postfix(**values)`` (shown on the bar, a
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -139,6 +140,14 @@ class _Bar(NullProgress):
         self.bar.close()
 
 
+def _width(stream) -> int | None:
+    """The terminal's number of columns, None when the stream has no file descriptor."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def _in_notebook() -> bool:
     shell = sys.modules.get("IPython")
     ip = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
@@ -159,7 +168,7 @@ def progress(total: int, *, desc: str = "", unit: str = "it", initial: int = 0, 
     stream = file if file is not None else sys.stderr
     if mode == "auto":
         tty = getattr(stream, "isatty", None)
-        if tty is not None and tty():
+        if tty is not None and tty() and _width(stream) != 0:   # a terminal of no width (some CI ptys): lines
             mode = "bar"
         elif file is None and _in_notebook():
             from tqdm.auto import tqdm as notebook_tqdm
