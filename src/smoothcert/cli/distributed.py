@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from smoothcert.cli.runner import RUNNER_COLUMNS, ResultsFile, batch_rows, resume_point
 from smoothcert.methods.base import CertifyMethod, RunContext
+from smoothcert.progress import progress as progress_reporter
 from smoothcert.validation import check_count, check_number, check_positive
 
 __all__ = ["check_distributed", "connect", "run_distributed", "IN_FLIGHT"]
@@ -134,7 +134,8 @@ def run_distributed(results: ResultsFile, inputs: Callable, indices: Sequence[in
     remote = ray.remote(Worker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=-1,
                                         max_task_retries=-1)
     actors = [remote.remote(factory, max(1, int(cpus_per_worker))) for _ in range(workers)]
-    bar = tqdm(total=len(indices), initial=len(done), disable=not progress, unit="input", dynamic_ncols=True)
+    bar = progress_reporter(len(indices), initial=len(done), enabled=progress, unit="input",
+                            desc=str(results.config.get("command", "run")))
     pending: dict[Any, tuple[int, Any]] = {}
     queue = iter(range(len(batches)))
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from smoothcert.methods.records import MethodRecord, Prediction, record_row
+from smoothcert.progress import progress as progress_reporter
 from smoothcert.validation import check_count
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -281,7 +281,9 @@ def run_dataset(
     if on_open is not None:
         on_open(done)
     todo = list(indices[len(done):])
-    bar = tqdm(total=len(indices), initial=len(done), disable=not progress, unit="input", dynamic_ncols=True)
+    # a bar on a terminal, a plain line every few percent in a log (smoothcert.progress)
+    bar = progress_reporter(len(indices), initial=len(done), enabled=progress, unit="input",
+                            desc=str(results.config.get("command", "run")))
     try:
         for start in range(0, len(todo), inputs_per_batch):
             batch = todo[start : start + inputs_per_batch]

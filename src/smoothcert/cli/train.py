@@ -11,7 +11,8 @@ from smoothcert.cli.checks import check_train_options
 from smoothcert.cli.common import resolve_device
 from smoothcert.cli.options import add_settings_options, dest_of
 from smoothcert.data.datasets import DATASETS, load_dataset
-from smoothcert.models.architectures import ARCHITECTURES, model_for_dataset
+from smoothcert.data.files import input_statistics, is_file_dataset
+from smoothcert.models.architectures import ARCHITECTURES, build_model, model_for_dataset
 from smoothcert.models.pca import add_pca, fit_pca
 from smoothcert.training.loop import OPTIMIZERS, SCHEDULES, train, train_paths
 from smoothcert.settings import flag_of, setting_fields
@@ -44,7 +45,9 @@ def apply_train_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``smoothcert train``."""
     parser.add_argument("--dataset", required=True, metavar="NAME",
-                        help=f"data set: {', '.join(DATASETS)} (cifar10 needs --data-root)")
+                        help=f"a built-in data set ({', '.join(DATASETS)}; cifar10 needs --data-root) or your own "
+                             "files: npz:FILE.npz, npy:DIR (arrays x_train, y_train, x_test, y_test, or x, y) or "
+                             "folder:DIR (one sub-folder of images per class); see the README's 'Your own data'")
     parser.add_argument("--data-root", default=None, help="directory of data sets read from disk (cifar10)")
     parser.add_argument("--arch", default=None, metavar="NAME",
                         help=f"architecture: {', '.join(sorted(ARCHITECTURES))} (default: mnist-cnn for mnist and "
@@ -111,6 +114,16 @@ class _Subset:
         return self.dataset.batch(rows)
 
 
+def _file_model(train_set, arch: str | None):
+    """A model for data read from files: its classes and input shape, normalization by the training set's
+    per-channel mean and standard deviation; default architecture ``mlp`` for vectors, ``mnist-cnn`` for one
+    channel, ``resnet20`` for colour images."""
+    shape = train_set.input_shape
+    arch = arch or ("mlp" if len(shape) == 1 else "mnist-cnn" if shape[0] == 1 else "resnet20")
+    mean, std = input_statistics(train_set.inputs)
+    return build_model(arch, num_classes=train_set.num_classes, input_shape=shape, mean=mean, std=std)
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``smoothcert train``: build the model (optionally with a PCA first layer), train, save; returns 0."""
     check_train_options(apply_train_defaults(args))
@@ -121,8 +134,8 @@ def run_train(args: argparse.Namespace) -> int:
     paths = train_paths(args.out)
     # the same seed rebuilds the same initial model (and PCA layer); a resumed run then loads its saved state
     torch.manual_seed(args.seed)
-    model = model_for_dataset(args.dataset, args.arch)
-    config: dict[str, Any] = {"dataset": args.dataset}
+    model = _file_model(train_set, args.arch) if is_file_dataset(args.dataset) else model_for_dataset(args.dataset, args.arch)
+    config: dict[str, Any] = {"dataset": train_set.name}
     if args.pca_fraction is not None:
         projection = fit_pca(train_set.inputs, args.sigma, args.pca_fraction)
         model = add_pca(model, projection)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from smoothcert.data.files import is_file_dataset, read_file_dataset
 from smoothcert.validation import check_count
 from torch.utils.data import Dataset
 
@@ -153,11 +154,17 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -
     """Load split ``"train"`` or ``"test"`` of a built-in data set (see the module docstring for each split).
 
     ``root`` is the directory of data sets read from disk (``"cifar10"``); the packaged ones ignore it.
+    ``npz:FILE``, ``npy:DIR`` and ``folder:DIR`` read your own data (:mod:`smoothcert.data.files`).
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    if is_file_dataset(name):
+        own = read_file_dataset(name, split)
+        return SmoothingDataset(own.data, own.labels, num_classes=own.num_classes, name=own.name, split=split,
+                                scale=own.scale, class_names=own.class_names)
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}, "
+                         "or your own files: npz:FILE, npy:DIR, folder:DIR")
     info = DATASETS[name]
     if name == "mnist":
         data, labels = _mnist_split(split)

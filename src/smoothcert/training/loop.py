@@ -29,10 +29,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from smoothcert.training.objectives import Objective, make_objective
 from smoothcert.engine.sampling import input_generator
+from smoothcert.progress import progress as progress_reporter
 from smoothcert.validation import check_count, check_positive
 
 __all__ = ["train", "noisy_accuracy", "learning_rate", "LOG_COLUMNS",
@@ -230,6 +229,9 @@ def train(
     if paths is not None:
         paths["prefix"].parent.mkdir(parents=True, exist_ok=True)
 
+    steps = math.ceil(len(train_set) / batch_size)
+    # one stage for the whole run: a bar on a terminal, a plain line every few percent in a log
+    bar = progress_reporter(epochs * steps, initial=start * steps, enabled=progress, unit="batch", desc="train")
     for epoch in range(start, epochs):
         began = time.perf_counter()
         rate = learning_rate(schedule, lr, epoch, epochs, milestones)
@@ -244,10 +246,7 @@ def train(
         with _fork_rng(device):
             torch.manual_seed(input_generator(seed, epoch, "global").initial_seed())
             model.train()
-            steps = math.ceil(len(train_set) / batch_size)
-            bar = tqdm(_batches(train_set, batch_size, shuffle, device), total=steps, disable=not progress,
-                       desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-            for step, (x, y) in enumerate(bar):
+            for step, (x, y) in enumerate(_batches(train_set, batch_size, shuffle, device)):
                 loss, scores = objective.loss(model, x, y, sigma, generator=noise)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -257,13 +256,14 @@ def train(
                 total_loss += loss.detach() * len(y)
                 correct += (scores.argmax(1) == y).sum()
                 seen += len(y)
+                bar.update(1)
                 if step % 20 == 0 or step == steps - 1:   # one device sync every 20 steps
                     mean_loss = float(total_loss) / seen
                     if not math.isfinite(mean_loss):
                         raise FloatingPointError(f"the {objective.name} loss became {mean_loss} in epoch "
                                                  f"{epoch + 1}; lower the learning rate")
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{int(correct) / seen:.3f}")
-            bar.close()
+                    bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{mean_loss:.4f}",
+                                    acc=f"{int(correct) / seen:.3f}")
         val = None
         if val_set is not None:
             val = noisy_accuracy(model, val_set, sigma, batch_size=max(batch_size, 256), device=device,
@@ -272,11 +272,12 @@ def train(
                "val_noisy_acc": val, "lr": rate, "seconds": time.perf_counter() - began}
         history.append(row)
         if progress:
-            tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
+            bar.write(f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
                        + (f"val noisy acc {val:.4f}  " if val is not None else "")
                        + f"lr {rate:.3g}  {row['seconds']:.1f}s")
         if paths is not None:
             _save_epoch(paths, model, opt, settings, config, history, epoch + 1)
+    bar.close()
     return history
 
 
