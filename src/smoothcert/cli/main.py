@@ -138,7 +138,7 @@ def cmd_report(args) -> int:
     from smoothcert.evaluation.tables import report
 
     print(report(args.files, radii=args.radii, latex=args.latex, plot=args.plot, labels=args.labels,
-                 proxy=args.proxy, baseline=args.baseline))
+                 proxy=args.proxy, baseline=args.baseline, norm=args.norm))
     return 0
 
 
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latex", action="store_true", help="print a LaTeX table instead of Markdown")
     p.add_argument("--plot", default=None, help="write a PNG of certified accuracy against radius here")
     p.add_argument("--proxy", action="store_true", help="also report certified accuracy at proxy radii and proxy ACR")
+    p.add_argument("--norm", choices=("l1", "l2", "linf"), default=None,
+                   help="report the radii in this norm (the radius_l1 / radius_l2 / radius_linf columns of "
+                        "certify --method fixed; converted ones are marked)")
     p.add_argument("--baseline", default=None,
                    help="a results file to compare against: ARI and proxy ARI (mean radius gain on inputs both got right)")
     p.set_defaults(func=cmd_report)
