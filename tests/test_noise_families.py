@@ -255,7 +255,8 @@ def test_bad_noise_settings_are_refused_before_sampling():
 
 
 # ---------------------------------------------------------------------------------------- command line
-def test_certify_train_and_report_with_each_family(tmp_path, capsys):
+@pytest.mark.slow
+def test_train_with_a_family_records_it_and_resume_keeps_it(tmp_path, capsys):
     import json
 
     from smoothcert.cli.main import main
@@ -269,6 +270,43 @@ def test_certify_train_and_report_with_each_family(tmp_path, capsys):
     assert main(["train", "--dataset", "toy-curved", "--arch", "mlp", "--noise", "laplace", "--sigma", "0.25",
                  "--epochs", "2", "--seed", "0", "--out", str(model), "--resume", "--no-progress"]) == 2
     assert "noise (saved 'uniform', now 'laplace')" in capsys.readouterr().err
+
+
+def test_training_draws_come_from_the_family():
+    """The loop hands the objective ``sigma * w`` with ``w`` from the family: uniform draws are bounded by sqrt(3)."""
+    from smoothcert.training.loop import train
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, z):
+            seen.append(z.detach().clone())
+            return self.lin(z)
+
+    x = torch.full((64, 2), 0.5)
+    data = type("D", (), {"inputs": x, "labels": torch.zeros(64, dtype=torch.int64), "__len__": lambda self: 64})()
+    for name, bounded in (("uniform", True), ("laplace", False)):
+        seen.clear()
+        train(Probe(), data, sigma=0.1, epochs=1, batch_size=64, noise=name, progress=False)
+        w = (torch.cat(seen) - 0.5) / 0.1
+        assert abs(float(w.std()) - 1) < 0.15
+        assert (float(w.abs().max()) <= math.sqrt(3) + 1e-5) == bounded
+
+
+def test_certify_and_report_with_each_family(tmp_path, capsys):
+    import json
+
+    from smoothcert.cli.main import main
+    from smoothcert.models.architectures import model_for_dataset
+    from smoothcert.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = tmp_path / "toy"
+    save_checkpoint(model, model_for_dataset("toy-curved", "mlp"), {"dataset": "toy-curved", "sigma": 0.25})
     logs = {}
     for name, norm in (("laplace", "l1"), ("uniform", "linf"), ("gaussian", "l2")):
         logs[name] = tmp_path / f"{name}.tsv"

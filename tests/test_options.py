@@ -155,6 +155,7 @@ DDS_FAST = ("--method", "dds", "--opt-samples", "4", "--dds-steps", "1")
     (("--sigma", "-0.5",), "sigma (--sigma) must be a finite number > 0, got -0.5"),
     (("--noise", "laplace", "--sigma", "0"), "sigma (--sigma) must be a finite number > 0, got 0.0"),
     (("--method", "dds", "--norm", "linf"), "norm (--norm) must be one of l2, l1, got 'linf'"),
+    (("--method", "dds", "--noise", "laplace"), "--noise is an option of --method fixed; --method dds chooses"),
 ])
 def test_a_bad_setting_exits_2_before_any_file_is_written(checkpoint, tmp_path, capsys, extra, message):
     out = tmp_path / "r.tsv"

@@ -64,10 +64,20 @@ def _check_compile(args, method: type[CertifyMethod] | None) -> None:
                          f"--method {method.name} differentiates through the model")
 
 
+def _check_noise_option(args, method: type[CertifyMethod]) -> None:
+    """``--noise`` only for methods whose settings choose a noise family; elsewhere it would be silently ignored."""
+    if getattr(args, "noise", None) is not None and "noise" not in method.settings_type.field_names():
+        users = sorted(n for n, c in CertifyMethod.registry.items() if "noise" in c.settings_type.field_names())
+        raise ValueError(f"--noise is an option of --method {', '.join(users)}; --method {method.name} chooses its "
+                         "own noise (dds and ancer: uniform noise with --norm l1)")
+
+
 def _setup(args, method: type[CertifyMethod] | None = None):
     from smoothcert.data.datasets import load_dataset
 
     _check_compile(args, method)
+    if method is not None:
+        _check_noise_option(args, method)
     device = resolve_device(args.device)
     model, config, fingerprint = load_base_classifier(args.checkpoint, device)
     if args.compile:
