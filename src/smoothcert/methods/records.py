@@ -59,7 +59,7 @@ class MethodRecord:
     def __post_init__(self) -> None:
         if self.norm is not None:
             check_norm(self.norm, what="a record's radius")
-            if getattr(self.certificate, "radii", None) is None:
+            if not isinstance(getattr(self.certificate, "radii", None), NormRadii):
                 raise ValueError(f"a record in the {self.norm} norm needs a certificate with per-norm radii")
 
     @property
@@ -92,7 +92,9 @@ class MethodRecord:
         """The certified radius per norm after memory (None when the certificate has none): the certificate's, all
         0 when memory abstained, and those of the shrunk l2 ball (l2 native, l1 and l_inf converted) when shrunk."""
         radii = getattr(self.certificate, "radii", None)
-        if radii is None or self.decision is None or self.decision.action == "kept":
+        if not isinstance(radii, NormRadii):  # e.g. a first-order certificate's own radii by order
+            return None
+        if self.decision is None or self.decision.action == "kept":
             return radii
         if self.memory_abstained:
             return NormRadii.zero()
