@@ -44,7 +44,9 @@ def test_train_certify_report(checkpoint, tmp_path, capsys):
     assert {"radius_proxy", "p_lower", "gap", "method", "dtype", "sigma"} <= set(header)
     assert len(out.read_text().splitlines()) == 61
     sidecar = json.loads((tmp_path / "r.tsv.json").read_text())
-    assert sidecar["method"] == {"name": "fixed", "sigma": 0.25, "sampling": "float"} and sidecar["seed"] == 3
+    assert sidecar["method"] == {"name": "fixed", "sigma": 0.25, "noise": "gaussian", "norm": "l2",
+                                 "sampling": "float"}
+    assert sidecar["seed"] == 3
     assert sidecar["checkpoints"][0]["sha256"]
     capsys.readouterr()
     assert main(["report", str(out), "--plot", str(tmp_path / "p.png"), "--latex"]) == 0

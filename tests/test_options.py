@@ -32,7 +32,7 @@ OLD_OPTIONS = {
 }
 #: Options added since, with their defaults (a default keeps the earlier behaviour).
 NEW_OPTIONS = {"--ancer-constraint": "elementwise", "--compare-base": 0, "--top-k": 1, "--topk-label": "label",
-               "--sampling": "float"}
+               "--sampling": "float", "--noise": "gaussian"}
 OPTIONS = {**OLD_OPTIONS, **NEW_OPTIONS}
 
 
@@ -84,15 +84,14 @@ def other_value(f):
 @pytest.mark.parametrize("name", sorted(CertifyMethod.registry))
 def test_each_methods_options_parse_into_its_settings(name):
     cls = method_class(name)
-    expected, argv = {"sigma": 0.3}, ["--sigma", "0.3"]
+    # each setting on its own (some pairs exclude each other, e.g. fixed's --noise laplace with --sampling sound)
     for f in dataclasses.fields(cls.settings_type):
         if f.name != "sigma":
-            expected[f.name], words = other_value(f)
-            argv += words
-    method = build_method(cls, method_parser().parse_args(argv))
-    assert type(method) is cls
-    assert method.settings == cls.settings_type(**expected)
-    assert method.config() == {"name": name, **method.settings.to_dict()}
+            value, words = other_value(f)
+            method = build_method(cls, method_parser().parse_args(["--sigma", "0.3", *words]))
+            assert type(method) is cls
+            assert method.settings == cls.settings_type(sigma=0.3, **{f.name: value})
+            assert method.config() == {"name": name, **method.settings.to_dict()}
     # plot-regions draws single inputs: memory off by an override, whatever the options say
     single = build_method(cls, method_parser().parse_args(["--sigma", "0.3"]), memory=False)
     assert not single.uses_memory
@@ -154,6 +153,9 @@ DDS_FAST = ("--method", "dds", "--opt-samples", "4", "--dds-steps", "1")
      "alpha_split (--alpha-split) must be a finite number in (0, 1)"),
     (("--method", "first-order", "--norms", "l5"), "norms (--norms) must be a non-empty list of names among l2"),
     (("--sigma", "-0.5",), "sigma (--sigma) must be a finite number > 0, got -0.5"),
+    (("--noise", "laplace", "--sigma", "0"), "sigma (--sigma) must be a finite number > 0, got 0.0"),
+    (("--method", "dds", "--norm", "linf"), "norm (--norm) must be one of l2, l1, got 'linf'"),
+    (("--method", "dds", "--noise", "laplace"), "--noise is an option of --method fixed; --method dds chooses"),
 ])
 def test_a_bad_setting_exits_2_before_any_file_is_written(checkpoint, tmp_path, capsys, extra, message):
     out = tmp_path / "r.tsv"
@@ -186,7 +188,8 @@ def test_rows_of_the_results_file_are_the_certificates_columns(checkpoint, tmp_p
     lines = [line.split("\t") for line in out.read_text().splitlines()]
     header, rows = lines[0], [dict(zip(lines[0], r)) for r in lines[1:]]
     assert header == ["idx", "label", "predict", "radius", "correct", "time", "radius_proxy", "p_lower", "gap", "n",
-                      "method", "dtype", "sampling", "sigma"]
+                      "method", "dtype", "sampling", "sigma", "noise", "scale", "norm", "radius_l1", "radius_l2",
+                      "radius_linf", "converted"]
     from smoothcert.cli.common import load_base_classifier
     from smoothcert.data.datasets import load_dataset
 
@@ -203,6 +206,12 @@ def test_rows_of_the_results_file_are_the_certificates_columns(checkpoint, tmp_p
                               ("gap", c.gap)):
             assert float(row[column]) == value or (math.isnan(value) and row[column] == "nan")
         assert (int(row["n"]), row["method"], row["dtype"], float(row["sigma"])) == (100, "fixed", "float32", 0.3)
+        # Gaussian: l2 native (the radius), l1 the same ball's, l_inf divided by sqrt(d) (d = 2), both converted
+        assert (row["noise"], float(row["scale"]), row["norm"]) == ("gaussian", 0.3, "l2")
+        for column, value in (("radius_l1", c.radii["l1"]), ("radius_l2", c.radius), ("radius_linf", c.radii["linf"])):
+            assert float(row[column]) == value
+        assert row["converted"] == ("none" if c.abstained else "l1,linf")
+        assert c.radii["l1"] == c.radius and c.radii["linf"] <= c.radius / math.sqrt(2)
         assert row["sampling"] == "float"
 
 

@@ -146,3 +146,61 @@ def test_certified_l1_regions_are_sound_on_linear_classifiers(half_width, weight
                   | violations_of(case.reach(regions), case.distance("l2"))
                   | violations_of([c.radius for c in certs], case.distance("l2")))
     assert_sound(violations, p)
+
+
+# -------------------------------------------------------------------- isotropic radii: one-sided, two-sided, l_inf
+def test_isotropic_l1_and_linf_radii_closed_forms():
+    """Yang et al.'s l1 radius ``lambda (2 p_A - 1)`` (two-sided ``lambda (p_A - p_B)``) and the exact l_inf radius
+    ``2 lambda (1 - (3/2 - p_A)^(1/d))``: at that radius the corner total variation ``1 - (1 - r / (2 lambda))^d``
+    spends exactly ``p_A - 1/2`` (two-sided ``(p_A - p_B) / 2``)."""
+    from smoothcert.noise.uniform import uniform_half_width, uniform_l1_radius, uniform_linf_radius
+
+    lam = uniform_half_width(0.25)
+    assert lam == 0.25 * math.sqrt(3)
+    for p_a in (0.5, 0.6, 0.9, 0.999):
+        assert math.isclose(uniform_l1_radius(p_a, lam), lam * (2 * p_a - 1), abs_tol=1e-15)
+        for d in (1, 3, 784):
+            r = uniform_linf_radius(p_a, lam, d)
+            assert r <= 2 * lam * (1 - (1.5 - p_a) ** (1 / d)) + 1e-15
+            tv = -math.expm1(d * math.log1p(-r / (2 * lam)))  # uniform_tv at the corner, without the product's rounding
+            assert tv <= p_a - 0.5 and math.isclose(tv, p_a - 0.5, abs_tol=1e-12)
+            assert r >= uniform_l1_radius(p_a, lam) / d * (1 - 1e-12)  # never below the l1 ball's l_inf radius
+    for p_a, p_b in ((0.6, 0.1), (0.45, 0.3), (0.9, 0.1)):
+        assert math.isclose(uniform_l1_radius(p_a, lam, p_b), lam * (p_a - p_b))
+        r = uniform_linf_radius(p_a, lam, 5, p_b)
+        tv = float(uniform_tv(torch.full((1, 5), r, dtype=F64), torch.tensor(lam, dtype=F64))[0])
+        assert tv <= (p_a - p_b) / 2 + 1e-15 and math.isclose(tv, (p_a - p_b) / 2, abs_tol=1e-12)
+    assert math.isclose(uniform_linf_radius(0.9, lam, 5, 0.1), uniform_linf_radius(0.9, lam, 5))
+    assert uniform_l1_radius(0.4, lam) == 0.0 and uniform_linf_radius(0.5, lam, 3) == 0.0
+
+
+def test_linf_radius_is_attained_by_a_worst_case_classifier():
+    """d = 3, p_A = 0.8: the classifier that answers c_A on ``U_0 \\ U_delta`` and on a slab of the overlap of mass
+    1/2 has p_A = 0.8 at x and exactly 1/2 at ``x + delta``, ``delta = R (1, 1, 1)`` with R the certified l_inf
+    radius: no larger l_inf radius is true (Monte Carlo with the family's own sampler)."""
+    from smoothcert.noise.uniform import uniform_linf_radius
+
+    lam, d, p_a, n = 1.0, 3, 0.8, 400_000
+    noise = UniformDiagonal.isotropic(lam)
+    r = uniform_linf_radius(p_a, lam, d)
+    side = 2 * lam - r  # the overlap [-lam + r, lam]^d has mass (side / (2 lam))^d = 1 - TV = 1.5 - p_a
+    cut = -lam + r + 0.5 / (side / (2 * lam)) ** (d - 1) * (2 * lam)  # overlap slab {z_1 < cut} of mass 1/2
+
+    def is_a(z):  # z: offsets from x; c_A on U_0 minus U_delta and on the overlap's slab, c_B elsewhere
+        in_0, in_shift = (z.abs() <= lam).all(1), ((z - r).abs() <= lam).all(1)
+        return (in_0 & ~in_shift) | (in_0 & in_shift & (z[:, 0] < cut))
+
+    eps = noise.draw(n, (d,), torch.Generator().manual_seed(5), dtype=F64)
+    tol = 5 * math.sqrt(0.25 / n)
+    assert abs(float(is_a(eps).double().mean()) - p_a) < tol
+    assert abs(float(is_a(eps + r).double().mean()) - 0.5) < tol
+
+
+def test_uniform_noise_records_native_l1_and_linf():
+    noise = UniformDiagonal.from_std(0.25)
+    region = noise.region(torch.zeros(784), noise.gap(0.9))
+    radii = noise.norm_radii(0.9, noise.gap(0.9), region)
+    assert radii["l1"] == region.norm_radius and radii.marker() == "l2"
+    assert radii["linf"] > radii["l1"] / 784 and radii["l2"] == region.inscribed_radius
+    with pytest.raises(ValueError, match="sigma"):
+        UniformDiagonal.from_std(0.0)

@@ -105,6 +105,14 @@ def _check_inputs(check, dataset, indices, chunk: int = 1000) -> None:
         check(dataset.batch(indices[start:start + chunk])[0])
 
 
+def _check_noise_option(args, method: type[CertifyMethod]) -> None:
+    """``--noise`` only for methods whose settings choose a noise family; elsewhere it would be silently ignored."""
+    if getattr(args, "noise", None) is not None and "noise" not in method.settings_type.field_names():
+        users = sorted(n for n, c in CertifyMethod.registry.items() if "noise" in c.settings_type.field_names())
+        raise ValueError(f"--noise is an option of --method {', '.join(users)}; --method {method.name} chooses its "
+                         "own noise (dds and ancer: uniform noise with --norm l1)")
+
+
 def _setup(args, method: type[CertifyMethod] | None = None):
     from smoothcert.data.datasets import load_dataset
 
@@ -141,7 +149,8 @@ def _setup(args, method: type[CertifyMethod] | None = None):
 def certify_state(args):
     """What ``certify`` builds from its parsed options: ``(method, ctx, inputs, indices, run)``."""
     cls = method_class(args.method)
-    _check_sampling(args, cls)  # before the generic check, whose message is less specific
+    _check_sampling(args, cls)  # these two before the generic check, whose message is less specific
+    _check_noise_option(args, cls)
     _check_method_options(args, cls)
     device, model, num_classes, dataset, indices, inputs, run = _setup(args, cls)
     method = build_method(cls, args)
@@ -224,7 +233,7 @@ def cmd_report(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         text = report(args.files, radii=args.radii, latex=args.latex, plot=args.plot, labels=args.labels,
-                      proxy=args.proxy, baseline=args.baseline)
+                      proxy=args.proxy, baseline=args.baseline, norm=args.norm)
     for w in caught:
         print(f"smoothcert report: warning: {w.message}", file=sys.stderr)
     print(text)
@@ -306,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latex", action="store_true", help="print a LaTeX table instead of Markdown")
     p.add_argument("--plot", default=None, help="write a PNG of certified accuracy against radius here")
     p.add_argument("--proxy", action="store_true", help="also report certified accuracy at proxy radii and proxy ACR")
+    p.add_argument("--norm", choices=("l1", "l2", "linf"), default=None,
+                   help="report the radii in this norm (the radius_l1 / radius_l2 / radius_linf columns of "
+                        "certify --method fixed; converted ones are marked)")
     p.add_argument("--baseline", default=None,
                    help="a results file to compare against: ARI and proxy ARI (mean radius gain on inputs both got right)")
     p.set_defaults(func=cmd_report)

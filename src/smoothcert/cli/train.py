@@ -14,6 +14,7 @@ from smoothcert.data.datasets import DATASETS, load_dataset
 from smoothcert.data.files import input_statistics, is_file_dataset
 from smoothcert.models.architectures import ARCHITECTURES, build_model, model_for_dataset
 from smoothcert.models.pca import add_pca, fit_pca
+from smoothcert.noise.families import FAMILIES
 from smoothcert.training.loop import OPTIMIZERS, SCHEDULES, train, train_paths
 from smoothcert.settings import flag_of, setting_fields
 from smoothcert.training.objectives import OBJECTIVES, Objective, make_objective
@@ -55,6 +56,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--objective", default="gaussian", choices=list(OBJECTIVES), help="training objective")
     parser.add_argument("--sigma", type=float, required=True,
                         help="noise level in input units, pixels in [0, 1]; train at the sigma you certify with")
+    parser.add_argument("--noise", default="gaussian", choices=list(FAMILIES),
+                        help="training noise family at per-coordinate standard deviation --sigma (default gaussian; "
+                             "laplace: scale sigma / sqrt(2); uniform: half-width sqrt(3) sigma)")
     parser.add_argument("--epochs", type=int, default=None, help=f"passes over the training split ({_defaults_help()})")
     parser.add_argument("--batch-size", type=int, default=128, help="training inputs per step (default 128)")
     parser.add_argument("--lr", type=float, default=None,
@@ -146,7 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
           lr=args.lr, seed=args.seed, out=args.out, val_set=val_set, schedule=args.schedule,
           milestones=args.milestones, optimizer=args.optimizer, momentum=args.momentum,
           weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm, resume=args.resume,
-          progress=not args.no_progress, device=device, config=config)
+          progress=not args.no_progress, device=device, config=config, noise=args.noise)
     print(f"saved {paths['prefix']}.safetensors, log {paths['log']}")
     return 0
 

@@ -30,6 +30,7 @@ import torch
 
 from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.noise.base import Noise
+from smoothcert.geometry.norms import NormRadii
 from smoothcert.geometry.regions import Region
 from smoothcert.engine.sampling import DTYPES, Observer, sample_counts
 from smoothcert.stats.bounds import binomial_pvalue, clopper_pearson_lower
@@ -72,6 +73,9 @@ class Certificate:
     ``P(f(x + noise) = c_A)`` at level ``alpha`` from ``n`` fresh samples; ``gap = Phi^-1(p_lower)``;
     ``region`` the certified region (None when abstaining); ``radius`` its inscribed l2 radius and
     ``radius_proxy`` ANCER's proxy radius (both 0 when abstaining). ``counts`` are the estimation counts.
+    ``radii`` the certified radius in each of l1, l2 and l_inf with the norms that were converted by the norm
+    inequalities (:class:`~smoothcert.geometry.norms.NormRadii`, from the noise family's
+    :meth:`~smoothcert.noise.base.Noise.norm_radii`; all 0 when abstaining).
     """
 
     prediction: int
@@ -87,6 +91,7 @@ class Certificate:
     dtype: str
     noise: Noise = field(repr=False)
     seed: int | None = None
+    radii: NormRadii | None = field(default=None, repr=False)
 
     @property
     def abstained(self) -> bool:
@@ -189,12 +194,13 @@ def certify(
         p = float(p_lower[i])
         if p < 0.5:
             out.append(Certificate(ABSTAIN, p, counts[i], float("nan"), None, 0.0, 0.0, n0, n, alpha,
-                                   dtype_name(dtype), noises[i], seed))
+                                   dtype_name(dtype), noises[i], seed, NormRadii.zero()))
             continue
         g = float(noises[i].gap(p))
         region = noises[i].region(x[i], g)
         out.append(Certificate(int(top[i]), p, counts[i], g, region, region.inscribed_radius,
-                               region.proxy_radius, n0, n, alpha, dtype_name(dtype), noises[i], seed))
+                               region.proxy_radius, n0, n, alpha, dtype_name(dtype), noises[i], seed,
+                               noises[i].norm_radii(p, g, region)))
     return out
 
 

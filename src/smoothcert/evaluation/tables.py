@@ -146,6 +146,23 @@ def _sidecar(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def in_norm(res: Results, norm: str) -> Results:
+    """``res`` with the radius in ``norm`` (its ``radius_<norm>`` column, fixed-noise logs) as ``radius`` and
+    ``radius_proxy``; the name says ``(<norm>, converted)`` when every certified row's radius in that norm was
+    converted by norm inequalities (``converted`` column), ``(<norm>, partly converted)`` when some were."""
+    import dataclasses
+
+    key = f"radius_{norm}"
+    if key not in res.columns:
+        raise ValueError(f"{res.name} has no {key} column (--norm reads the per-norm radii of `certify --method "
+                         "fixed`; other logs report their radius column without --norm)")
+    radius = np.array([float(v) for v in res.columns[key]])
+    marks = [set(m.split(",")) for m, r in zip(res.columns.get("converted", []), radius) if r > 0]
+    flagged = sum(norm in m for m in marks)
+    note = "" if not flagged else (", converted" if flagged == len(marks) else ", partly converted")
+    return dataclasses.replace(res, name=f"{res.name} ({norm}{note})", radius=radius, radius_proxy=radius)
+
+
 def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii: Sequence[float]) -> np.ndarray:
     """Share of inputs correct and certified at radius ``>= r``, for each ``r`` in ``radii``."""
     radius = np.asarray(radius, dtype=float)
@@ -338,8 +355,10 @@ def improvement_table(results: Sequence[Results], baseline: Results, *, latex: b
 def report(files: Sequence[str | Path], *, radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
            latex: bool = False, plot: str | Path | None = None, labels: Sequence[str] | None = None,
            proxy: bool = False, baseline: str | Path | None = None,
-           norm_radii: dict[str, Sequence[float]] | None = None) -> str:
+           norm_radii: dict[str, Sequence[float]] | None = None, norm: str | None = None) -> str:
     """The table for ``files`` (and a plot when ``plot`` is a path); returns the text to print.
+
+    With ``norm`` (l1, l2 or linf) the table is of the radii in that norm (:func:`in_norm`).
 
     With ``baseline`` (another results file), also ARI and proxy ARI of each file over it. Files with zeroth-
     and first-order radii per norm (``--method first-order``) get one table per norm, at ``norm_radii[norm]``.
@@ -350,6 +369,8 @@ def report(files: Sequence[str | Path], *, radii: Sequence[float] = (0.0, 0.25, 
     results = [load_results(f, names[i]) for i, f in enumerate(files)]
     for message in comparison_warnings(results):
         warnings.warn(message, stacklevel=2)
+    if norm is not None:
+        results = [in_norm(r, norm) for r in results]
     text = summary_table(results, radii, latex=latex, proxy=proxy)
     if baseline is not None:
         text += "\n\n" + improvement_table(results, load_results(baseline), latex=latex)

@@ -33,7 +33,6 @@ certificate, sound for any input) and its row says so in the ``fallback`` column
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ from smoothcert.methods.optimize import (CPU_PASS_VALUES, GAPS, NotDifferentiabl
 from smoothcert.methods.records import MemoryDecision, MethodRecord
 from smoothcert.noise.base import Noise
 from smoothcert.noise.gaussian import IsotropicGaussian
-from smoothcert.noise.uniform import UniformDiagonal
+from smoothcert.noise.uniform import UniformDiagonal, uniform_half_width
 from smoothcert.settings import Settings, choice, integer, number, switch
 
 __all__ = ["DataDependentMethod", "DataDependentSettings", "Choice", "norm_setting"]
@@ -153,7 +152,7 @@ class DataDependentMethod(CertifyMethod):
     @property
     def base_scale(self) -> float:
         """``sigma`` in the family's parameter: the Gaussian's sigma, or the uniform half-width sqrt(3) sigma."""
-        return self.sigma * math.sqrt(3.0) if self.family == "uniform" else self.sigma
+        return uniform_half_width(self.sigma) if self.family == "uniform" else self.sigma
 
     def base_noise(self) -> Noise:
         """The isotropic noise at ``--sigma``: the fall-back of every data-dependent method."""

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from smoothcert.geometry.norms import NormRadii, check_norm
 from smoothcert.geometry.regions import Region
 
 __all__ = ["MemoryDecision", "MethodRecord", "Prediction", "record_row", "MEMORY_ACTIONS"]
@@ -44,14 +45,22 @@ class MemoryDecision:
 class MethodRecord:
     """One input's result: ``certificate`` (with ``prediction``, ``p_lower``, ``gap``, ``radius``,
     ``radius_proxy``, ``n``, ``dtype``), the region it certifies (None when abstaining or when the method has
-    no region to draw), the method's own ``fields`` (its columns) and the memory's ``decision`` (None without
-    memory)."""
+    no region to draw), the method's own ``fields`` (its columns), the memory's ``decision`` (None without
+    memory) and ``norm``, the norm of :attr:`radius` (None: the region's inscribed l2 radius, as for every method
+    before norms were recorded; ``l1``, ``l2`` or ``linf``: that entry of :attr:`norm_radii`)."""
 
     method: str
     certificate: Any
     region: Region | None = None
     fields: Mapping[str, Any] = field(default_factory=dict)
     decision: MemoryDecision | None = None
+    norm: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.norm is not None:
+            check_norm(self.norm, what="a record's radius")
+            if not isinstance(getattr(self.certificate, "radii", None), NormRadii):
+                raise ValueError(f"a record in the {self.norm} norm needs a certificate with per-norm radii")
 
     @property
     def memory_abstained(self) -> bool:
@@ -71,10 +80,25 @@ class MethodRecord:
 
     @property
     def radius(self) -> float:
-        """The certified l2 radius after memory (0 when abstaining)."""
+        """The certified radius after memory (0 when abstaining): in :attr:`norm`, else the inscribed l2 radius."""
         if self.memory_abstained:
             return 0.0
+        if self.norm is not None:
+            return self.norm_radii[self.norm]
         return float(self.decision.radius) if self.shrunk else self.certificate.radius
+
+    @property
+    def norm_radii(self) -> NormRadii | None:
+        """The certified radius per norm after memory (None when the certificate has none): the certificate's, all
+        0 when memory abstained, and those of the shrunk l2 ball (l2 native, l1 and l_inf converted) when shrunk."""
+        radii = getattr(self.certificate, "radii", None)
+        if not isinstance(radii, NormRadii):  # e.g. a first-order certificate's own radii by order
+            return None
+        if self.decision is None or self.decision.action == "kept":
+            return radii
+        if self.memory_abstained:
+            return NormRadii.zero()
+        return NormRadii.from_certified({"l2": float(self.decision.radius)}, self.decision.region.dim)
 
     @property
     def radius_proxy(self) -> float:
@@ -92,9 +116,11 @@ class MethodRecord:
     def values(self) -> dict[str, Any]:
         """Every column this record can fill: the common ones, then the method's own."""
         cert = self.certificate
+        radii = self.norm_radii
         return {"predict": self.prediction, "radius": self.radius, "radius_proxy": self.radius_proxy,
                 "p_lower": cert.p_lower, "gap": cert.gap, "n": cert.n, "method": self.method, "dtype": cert.dtype,
-                "sampling": getattr(cert, "sampling", "float"), **self.fields}
+                "sampling": getattr(cert, "sampling", "float"), **({} if radii is None else radii.columns()),
+                **self.fields}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from smoothcert.geometry.norms import NormRadii
 from smoothcert.geometry.regions import Region
 from smoothcert.stats.bounds import gap as normal_gap
 
@@ -109,6 +110,15 @@ class Noise(ABC):
         ``Phi^-1(p_lower)`` for Gaussian noise (seed 000 eq. 3.3); other families override it.
         """
         return float(normal_gap(p_lower))
+
+    def norm_radii(self, p_lower: float, gap: float, region: Region) -> NormRadii:
+        """The certified radius in each of l1, l2, l_inf (:class:`~smoothcert.geometry.norms.NormRadii`).
+
+        Default (the Gaussian families): the l2 radius of the region (:attr:`Region.inscribed_radius`) is native,
+        the l1 and l_inf radii follow from it by the norm inequalities. A family with other native certificates
+        (Laplace, uniform) overrides this.
+        """
+        return NormRadii.from_certified({"l2": region.inscribed_radius}, region.dim)
 
 
 def noise_from_parameters(kind: str, params: dict[str, torch.Tensor]) -> Noise:

@@ -41,12 +41,28 @@ class IsotropicGaussian(Noise):
     """
 
     kind = "isotropic"
+    native_norms = ("l2",)
 
     def __init__(self, sigma: float):
         self.sigma = check_positive("sigma (noise level, in input units where pixels lie in [0, 1])", sigma)
         self.sigma_sampled = float(as_sampled(torch.tensor(self.sigma, dtype=torch.float64)))
         if not 0.0 < self.sigma_sampled < math.inf:
             raise ValueError(f"sigma = {self.sigma!r} is not representable in float32 (the sampling dtype)")
+
+    @classmethod
+    def from_std(cls, sigma: float) -> "IsotropicGaussian":
+        """The Gaussian of per-coordinate standard deviation ``sigma``: its scale is ``sigma`` itself."""
+        return cls(sigma)
+
+    @property
+    def scale(self) -> float:
+        return self.sigma
+
+    @classmethod
+    def unit_draws(cls, shape, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+        """float32 draws ``w ~ N(0, I)`` of ``shape``, for training at ``sigma * w`` (the draws the training loop
+        has always used: ``torch.randn(shape, generator=generator, device=device)``)."""
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
 
     def fill_(self, out, generator=None):
         self.check_buffer(out)

@@ -32,6 +32,7 @@ from torch import nn
 from smoothcert.training.objectives import Objective, make_objective
 from smoothcert.engine.sampling import input_generator
 from smoothcert.progress import progress as progress_reporter
+from smoothcert.noise.families import family, unit_draws
 from smoothcert.validation import check_count, check_positive
 
 __all__ = ["train", "noisy_accuracy", "learning_rate", "LOG_COLUMNS",
@@ -83,8 +84,11 @@ def _batches(dataset, batch_size: int, generator: torch.Generator | None,
 
 
 def noisy_accuracy(model: nn.Module, dataset, sigma: float, *, batch_size: int = 512,
-                   generator: torch.Generator | None = None, device: torch.device | str | None = None) -> float:
-    """Accuracy of the base classifier on ``x + N(0, sigma^2 I)``, one draw per input (model in eval mode)."""
+                   generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                   noise: str = "gaussian") -> float:
+    """Accuracy of the base classifier on ``x + sigma w``, ``w`` of the ``noise`` family with standard deviation 1
+    (Gaussian: ``x + N(0, sigma^2 I)``), one draw per input (model in eval mode)."""
+    family(noise)
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
@@ -92,7 +96,7 @@ def noisy_accuracy(model: nn.Module, dataset, sigma: float, *, batch_size: int =
     try:
         with torch.inference_mode():
             for x, y in _batches(dataset, batch_size, None, device):
-                noisy = x + sigma * torch.randn(x.shape, generator=generator, device=device)
+                noisy = x + sigma * unit_draws(noise, x.shape, generator=generator, device=device)
                 correct += int((model(noisy).argmax(1) == y).sum())
                 total += len(y)
     finally:
@@ -138,7 +142,8 @@ def train_paths(out: str | os.PathLike) -> dict[str, Path]:
 
 #: training settings that must agree between a run and its resumption
 _RESUME_KEYS = ("objective", "sigma", "seed", "batch_size", "lr", "schedule", "optimizer", "milestones",
-                "momentum", "weight_decay", "clip_grad_norm")
+                "momentum", "weight_decay", "clip_grad_norm", "noise")
+_RESUME_DEFAULTS = {"noise": "gaussian"}  # what a run saved before the setting existed used
 
 
 def train(
@@ -163,6 +168,7 @@ def train(
     progress: bool = True,
     device: torch.device | str | None = None,
     config: dict[str, Any] | None = None,
+    noise: str = "gaussian",
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place under ``objective`` at noise level ``sigma``; return the per-epoch history.
 
@@ -177,7 +183,10 @@ def train(
     :func:`smoothcert.models.build_model` (which records how to rebuild it) or ``config`` must name its
     ``arch`` and ``arch_kwargs``. ``clip_grad_norm`` rescales the gradient to at most that l2 norm before
     each step (``None``: never). ``device`` defaults to the model's. Each history row has the keys of
-    :data:`LOG_COLUMNS`.
+    :data:`LOG_COLUMNS`. ``noise`` names the noise family (:data:`smoothcert.noise.families.FAMILIES`) the
+    objective sees: ``x + sigma w`` with ``w`` of that family at standard deviation 1 (``sigma`` is the
+    per-coordinate standard deviation for every family), drawn here and handed to the objective; Gaussian draws
+    are exactly the ones the objectives draw themselves.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -188,6 +197,7 @@ def train(
     if clip_grad_norm is not None:
         check_positive("clip_grad_norm", clip_grad_norm)
     check_count("seed", seed, minimum=0)
+    family(noise)
     if len(train_set) == 0:
         raise ValueError("the training set is empty")
     if optimizer not in OPTIMIZERS:
@@ -207,14 +217,14 @@ def train(
                 "seed": seed, "batch_size": batch_size, "lr": lr, "schedule": schedule,
                 "milestones": list(milestones) if milestones is not None else None, "optimizer": optimizer,
                 "momentum": momentum, "weight_decay": weight_decay, "clip_grad_norm": clip_grad_norm,
-                "epochs": epochs}
+                "epochs": epochs, "noise": noise}
     paths = train_paths(out) if out is not None else None
     history: list[dict[str, Any]] = []
     start = 0
     if resume and paths["state"].is_file():
         state = torch.load(paths["state"], map_location=device, weights_only=True)
         saved = state["settings"]
-        differ = [k for k in _RESUME_KEYS if saved.get(k) != settings.get(k)]
+        differ = [k for k in _RESUME_KEYS if saved.get(k, _RESUME_DEFAULTS.get(k)) != settings.get(k)]
         if saved.get("objective_config") != settings["objective_config"]:
             differ.append("objective hyperparameters")
         if differ:
@@ -239,7 +249,7 @@ def train(
             group["lr"] = rate
         objective.start_epoch(epoch)
         shuffle = input_generator(seed, epoch, "shuffle")
-        noise = input_generator(seed, epoch, "train-noise", device)
+        draws = input_generator(seed, epoch, "train-noise", device)
         total_loss = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
@@ -247,7 +257,8 @@ def train(
             torch.manual_seed(input_generator(seed, epoch, "global").initial_seed())
             model.train()
             for step, (x, y) in enumerate(_batches(train_set, batch_size, shuffle, device)):
-                loss, scores = objective.loss(model, x, y, sigma, generator=noise)
+                w = unit_draws(noise, (x.shape[0], objective.num_noise, *x.shape[1:]), generator=draws, device=device)
+                loss, scores = objective.loss(model, x, y, sigma, generator=draws, noise=w)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip_grad_norm is not None:
@@ -267,7 +278,7 @@ def train(
         val = None
         if val_set is not None:
             val = noisy_accuracy(model, val_set, sigma, batch_size=max(batch_size, 256), device=device,
-                                 generator=input_generator(seed, epoch, "validate", device))
+                                 generator=input_generator(seed, epoch, "validate", device), noise=noise)
         row = {"epoch": epoch + 1, "loss": float(total_loss) / seen, "train_acc": int(correct) / seen,
                "val_noisy_acc": val, "lr": rate, "seconds": time.perf_counter() - began}
         history.append(row)
@@ -284,7 +295,7 @@ def train(
 def _save_epoch(paths, model, opt, settings, config, history, epoch) -> None:
     from smoothcert.models.checkpoint import save_checkpoint
 
-    full = {"sigma": settings["sigma"], **(config or {}),
+    full = {"sigma": settings["sigma"], "noise": settings["noise"], **(config or {}),
             "training": {**settings, "epochs_done": epoch, "history": history}}
     save_checkpoint(paths["prefix"], model, full)
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(), "settings": settings,
