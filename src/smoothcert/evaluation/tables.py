@@ -127,16 +127,29 @@ def _table(header: list[str], rows: list[list[str]], latex: bool) -> str:
     return "\n".join(lines)
 
 
+def samples_cells(res: Results) -> list[str]:
+    """Mean and median estimation samples per input: ``n_used`` (what was drawn), else ``n``; "-" if neither."""
+    key = "n_used" if "n_used" in res.columns else "n" if "n" in res.columns else None
+    if key is None or not len(res):
+        return ["-", "-"]
+    used = np.array([float(v) for v in res.columns[key]])
+    return [f"{used.mean():,.0f}", f"{np.median(used):,.0f}"]
+
+
 def summary_table(results: Sequence[Results], radii: Sequence[float], *, latex: bool = False,
                   proxy: bool = False) -> str:
-    """Certified accuracy at ``radii``, ACR, clean accuracy, abstention rate and seconds per input, per file."""
+    """Certified accuracy at ``radii``, ACR, clean accuracy, abstention rate, seconds per input and (when the files
+    record them) mean and median estimation samples per input (``n_used``), per file."""
     header = ["method", "inputs"] + [f"r={r:g}" for r in radii] + ["ACR", "clean acc.", "abstain", "s/input"]
+    samples = any(k in res.columns for res in results for k in ("n_used", "n"))
+    if samples:
+        header += ["mean n", "median n"]
     rows = []
     for res in results:
         acc = certified_accuracy(res.radius, res.correct, radii)
         rows.append([res.name, str(len(res))] + [f"{a:.3f}" for a in acc] + [
             f"{average_certified_radius(res.radius, res.correct):.3f}", f"{np.mean(res.correct):.3f}",
-            f"{np.mean(res.predict == -1):.3f}", f"{np.mean(res.seconds):.3g}"])
+            f"{np.mean(res.predict == -1):.3f}", f"{np.mean(res.seconds):.3g}"] + (samples_cells(res) if samples else []))
     text = _table(header, rows, latex)
     if proxy:
         header = ["method"] + [f"proxy r={r:g}" for r in radii] + ["proxy ACR"]

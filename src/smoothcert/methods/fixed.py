@@ -1,14 +1,14 @@
 """Cohen et al.'s certification with one fixed isotropic Gaussian ``N(0, sigma^2 I)`` (seed 000 section 3.1).
 
 Guarantee: with probability at least ``1 - alpha``, the smoothed classifier predicts the reported class on the
-l2 ball of radius ``sigma * Phi^-1(p_A)`` (seed 000 eq. 3.3).
+l2 ball of radius ``sigma * Phi^-1(p_A)`` (seed 000 eq. 3.3). In ``--mode target`` / ``anytime`` the estimation
+samples are drawn sequentially (:mod:`smoothcert.engine.sequential`, whose docstring states each mode's guarantee).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smoothcert.engine.smooth import certify
 from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
 from smoothcert.methods.records import MethodRecord
 from smoothcert.noise.gaussian import IsotropicGaussian
@@ -29,6 +29,7 @@ class FixedSigma(CertifyMethod):
     columns = ("sigma",)
     settings_type = FixedSettings
     samples_only = True
+    modes = True
 
     def __init__(self, settings: FixedSettings | float | None = None, /, **keywords):
         """``FixedSigma(FixedSettings(0.25))``, ``FixedSigma(0.25)`` or ``FixedSigma(sigma=0.25)``."""
@@ -36,7 +37,5 @@ class FixedSigma(CertifyMethod):
         self.noise = IsotropicGaussian(self.settings.sigma)
 
     def certify(self, ctx: RunContext, x, labels, indices) -> list[MethodRecord]:
-        certs = certify(ctx.model, x, self.noise, ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
-                        batch_size=ctx.batch_size, block=ctx.block, generators=ctx.certify_generators(indices),
-                        dtype=ctx.dtype, seed=ctx.seed)
+        certs = ctx.certify(x, self.noise, indices)
         return [MethodRecord(self.name, c, c.region, {"sigma": self.noise.sigma}) for c in certs]

@@ -94,7 +94,8 @@ class MethodRecord:
         cert = self.certificate
         return {"predict": self.prediction, "radius": self.radius, "radius_proxy": self.radius_proxy,
                 "p_lower": cert.p_lower, "gap": cert.gap, "n": cert.n, "method": self.method, "dtype": cert.dtype,
-                **self.fields}
+                "n_used": cert.n if getattr(cert, "n_used", None) is None else cert.n_used,
+                **getattr(cert, "extra", {}), **self.fields}
 
 
 @dataclass(frozen=True)
