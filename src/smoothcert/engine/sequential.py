@@ -26,8 +26,10 @@ estimation samples bound ``p_A = P(f(x + noise) = c_A)``; the region is the nois
 
 Inputs still undecided are sampled together at each check (:func:`~smoothcert.engine.sampling.sample_counts`
 packs them into full forward passes); counts come back to the host once per check, never inside a batch's
-sampling. An input's draws depend only on its own streams, the schedule and ``block``, so splits and resumes
-give the same numbers. ``n_used`` records the estimation samples each input actually used.
+sampling. Estimation draws come in blocks of ``min(batch increment, batch_size)`` samples per input, so an
+input's draws depend only on its own streams, the schedule and ``batch_size`` (not on which inputs are still
+undecided, nor on ``block``): splits and resumes give the same numbers. ``block`` applies to the selection.
+``n_used`` records the estimation samples each input actually used.
 """
 
 from __future__ import annotations
@@ -195,8 +197,10 @@ def certify_sequential(model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
         if active.size == 0:
             break
         rows = torch.as_tensor(active, device=x.device)
-        counts = sample_counts(model, x[rows], [noises[i] for i in active], n_k - prev, num_classes,
-                               generators=[estimate[i] for i in active], **kw)
+        m = n_k - prev  # one input's m samples share passes of at most batch_size: full passes, whoever is left
+        counts = sample_counts(model, x[rows], [noises[i] for i in active], m, num_classes,
+                               generators=[estimate[i] for i in active], batch_size=batch_size,
+                               block=min(m, batch_size), dtype=dtype)
         full[active] += counts.cpu().numpy()  # the check: the one host sync of this batch
         prev = n_k
         succ[active] = full[active, top_host[active]]
