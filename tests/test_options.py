@@ -188,8 +188,8 @@ def test_rows_of_the_results_file_are_the_certificates_columns(checkpoint, tmp_p
     lines = [line.split("\t") for line in out.read_text().splitlines()]
     header, rows = lines[0], [dict(zip(lines[0], r)) for r in lines[1:]]
     assert header == ["idx", "label", "predict", "radius", "correct", "time", "radius_proxy", "p_lower", "gap", "n",
-                      "method", "dtype", "sampling", "sigma", "noise", "scale", "norm", "radius_l1", "radius_l2",
-                      "radius_linf", "converted"]
+                      "method", "dtype", "sampling", "n_used", "sigma", "noise", "scale", "norm", "radius_l1",
+                      "radius_l2", "radius_linf", "converted"]
     from smoothcert.cli.common import load_base_classifier
     from smoothcert.data.datasets import load_dataset
 
@@ -213,6 +213,7 @@ def test_rows_of_the_results_file_are_the_certificates_columns(checkpoint, tmp_p
         assert row["converted"] == ("none" if c.abstained else "l1,linf")
         assert c.radii["l1"] == c.radius and c.radii["linf"] <= c.radius / math.sqrt(2)
         assert row["sampling"] == "float"
+        assert int(row["n_used"]) == 100  # fixed-n CERTIFY uses all n estimation samples
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -271,3 +272,55 @@ def test_a_record_carries_what_memory_decided():
         record_row(kept, ("predict", "basis"))
     with pytest.raises(ValueError, match="action"):
         MemoryDecision("enlarged", None, 1.0)
+
+
+#: The options of the modes of certification (``smoothcert certify`` only), with their defaults.
+MODE_OPTIONS = {"--mode": "fixed", "--radius": None, "--n-max": None, "--precision": None, "--sequence": "cp",
+                "--randomized-cp": False}
+
+
+def test_mode_options_and_their_defaults():
+    sub = build_parser()._subparsers._group_actions[0].choices["certify"]
+    defaults = {s: a.default for a in sub._actions for s in a.option_strings}
+    assert {k: defaults[k] for k in MODE_OPTIONS} == MODE_OPTIONS
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--mode", "target"), "--mode target needs --radius R"),
+    (("--mode", "target", "--radius", "0", "--n-max", "500"), "a finite number > 0"),
+    (("--mode", "target", "--radius", "0.5"), "needs --n-max N"),
+    (("--radius", "0.5"), "radius is for --mode target"),
+    (("--mode", "anytime", "--n-max", "5"), "--n-max (5) must be at least --n0 (10)"),
+    (("--mode", "anytime", "--n-max", "500", "--precision", "-1"), "--precision must be a finite number > 0"),
+    (("--mode", "anytime", "--n-max", "500", "--randomized-cp"), "option of --mode fixed"),
+    (("--mode", "target", "--radius", "0.1", "--n-max", "500", "--method", "first-order"),
+     "--method first-order certifies with fixed n only"),
+])
+def test_bad_mode_options_are_refused_before_any_file(checkpoint, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad.tsv"
+    assert main(certify_args(checkpoint, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_target_anytime_and_randomized_runs_record_their_samples(checkpoint, tmp_path, capsys):
+    """Every mode through the command line: ``n_used`` per row (at most n_max), the mode's columns, the report's
+    samples per input."""
+    rows = {}
+    for name, extra in {"target": ("--mode", "target", "--radius", "0.05", "--n-max", "400"),
+                        "anytime": ("--mode", "anytime", "--n-max", "400", "--precision", "0.1"),
+                        "rand": ("--randomized-cp",)}.items():
+        out = tmp_path / f"{name}.tsv"
+        assert main(certify_args(checkpoint, out, *extra)) == 0
+        lines = [line.split("\t") for line in out.read_text().splitlines()]
+        rows[name] = [dict(zip(lines[0], r)) for r in lines[1:]]
+        sidecar = json.loads((tmp_path / f"{name}.tsv.json").read_text())
+        assert sidecar["mode"]["name"] == ("fixed" if name == "rand" else name)
+    assert all(1 <= int(r["n_used"]) <= 400 and r["decision"] in ("certified", "futile", "undecided")
+               for r in rows["target"] + rows["anytime"])
+    assert all(float(r["radius"]) in (0.0, pytest.approx(0.05)) for r in rows["target"])
+    assert all(0 <= float(r["cp_uniform"]) <= 1 and int(r["n_used"]) == 100 for r in rows["rand"])
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "target.tsv"), str(tmp_path / "rand.tsv")]) == 0
+    text = capsys.readouterr().out
+    assert "mean n" in text and "median n" in text

@@ -321,7 +321,7 @@ def test_certify_and_predict_topk_through_the_command_line(checkpoint, tmp_path,
     lines = [line.split("\t") for line in out.read_text().splitlines()]
     header, rows = lines[0], [dict(zip(lines[0], r)) for r in lines[1:]]
     assert header[:6] == ["idx", "label", "predict", "radius", "correct", "time"]
-    assert header[12:] == ["sampling", "sigma", "top_k", "topk_label", "topk_class", "topk_set", "p_upper",
+    assert header[12:] == ["sampling", "n_used", "sigma", "top_k", "topk_label", "topk_class", "topk_set", "p_upper",
                            "alpha_each"]
     assert json.loads((tmp_path / "c.tsv.json").read_text())["method"] == {
         "name": "topk", "sigma": 0.25, "top_k": 2, "topk_label": "label"}

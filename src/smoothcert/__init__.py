@@ -25,6 +25,7 @@ from smoothcert.geometry.distance import distance_to_region, largest_ball_outsid
 from smoothcert.geometry.intersection import intersects
 from smoothcert.methods.memory import CertificationMemory
 from smoothcert.noise.discrete import DiscretizedGaussian
+from smoothcert.engine.sequential import Mode, certify_in_mode, certify_sequential
 
 from smoothcert.version import __version__  # noqa: E402
 
@@ -36,5 +37,5 @@ __all__ = [
     "Ensemble", "load_ensemble", "OBJECTIVES", "Objective", "make_objective", "PCAProjection", "add_pca", "fit_pca",
     "train", "FirstOrderCertificate", "Subspace", "certify_first_order", "CertifyMethod", "RunContext", "method_class",
     "CrossPolytope", "distance_to_region", "intersects", "largest_ball_outside", "CertificationMemory",
-    "DiscretizedGaussian",
+    "DiscretizedGaussian", "Mode", "certify_in_mode", "certify_sequential",
 ]

@@ -22,7 +22,9 @@ from smoothcert.cli.runner import (CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile
 from smoothcert.cli.train import add_train_arguments, run_train
 from smoothcert.data.datasets import DATASETS
 from smoothcert.engine.sampling import DTYPES, input_generator
+from smoothcert.engine.sequential import MODES, Mode
 from smoothcert.engine.smooth import predict
+from smoothcert.stats.sequential import SEQUENCES
 import smoothcert.methods  # noqa: F401  (registers every built-in method)
 from smoothcert.methods.base import COMMON_COLUMNS, CertifyMethod, RunContext, method_class
 from smoothcert.methods.records import Prediction
@@ -52,6 +54,8 @@ def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
     if certify:
         p.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
     p.add_argument("--n", type=int, default=100_000, help="estimation samples (default 100,000)")
+    if certify:
+        _mode_options(p)
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--batch-size", type=int, default=1000,
                    help="noisy samples per forward pass (default 1000; lower it if memory runs out)")
@@ -69,6 +73,35 @@ def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
                    help="run the base classifier through torch.compile (faster sampling after a warm-up; "
                         f"{', '.join(_compilable())} and predict only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _mode_options(p: argparse.ArgumentParser) -> None:
+    """The modes of certification (:mod:`smoothcert.engine.sequential`)."""
+    p.add_argument("--mode", choices=MODES, default="fixed",
+                   help="fixed: n samples (default); target: sequential test of 'certified at --radius?', at most "
+                        "--n-max samples; anytime: confidence sequence until the radius is known to --precision")
+    p.add_argument("--radius", type=float, default=None, help="--mode target: the l2 radius to decide, in input units")
+    p.add_argument("--n-max", type=int, default=None, help="--mode target/anytime: most estimation samples per input")
+    p.add_argument("--precision", type=float, default=None,
+                   help="--mode anytime: stop when the gap is within this of its value at --n-max (gap units, "
+                        "radius / sigma for isotropic noise; default 0.02)")
+    p.add_argument("--sequence", choices=SEQUENCES, default="cp",
+                   help="--mode target: cp (union-bound Clopper-Pearson, default) or betting (KT mixture)")
+    p.add_argument("--randomized-cp", action="store_true",
+                   help="--mode fixed: randomized Clopper-Pearson bound (exact 1 - alpha coverage; its uniform "
+                        "draw is recorded in the cp_uniform column)")
+
+
+def mode_from_args(args, method: type[CertifyMethod]) -> Mode:
+    """The run's :class:`Mode`, checked against the method and the sample sizes before any work."""
+    mode = Mode(args.mode, radius=args.radius, n_max=args.n_max, precision=args.precision,
+                randomized=args.randomized_cp, sequence=args.sequence)
+    if mode != Mode() and not method.modes:
+        raise ValueError(f"--method {method.name} certifies with fixed n only (no --mode target/anytime, "
+                         "--randomized-cp, --sequence); methods with every mode: "
+                         + ", ".join(sorted(n for n, c in CertifyMethod.registry.items() if c.modes)))
+    mode.check_sampling(args.n0, args.n)
+    return mode
 
 
 def _check_compile(args, method: type[CertifyMethod] | None) -> None:
@@ -152,6 +185,7 @@ def certify_state(args):
     _check_sampling(args, cls)  # these two before the generic check, whose message is less specific
     _check_noise_option(args, cls)
     _check_method_options(args, cls)
+    mode = mode_from_args(args, cls)
     device, model, num_classes, dataset, indices, inputs, run = _setup(args, cls)
     method = build_method(cls, args)
     method.check_classes(num_classes)
@@ -159,7 +193,7 @@ def certify_state(args):
     identity = {"checkpoints": [c["sha256"] for c in run["checkpoints"]], "dataset": run["dataset"],
                 "split": run["split"]}
     ctx = RunContext(model, num_classes, args.n0, args.n, args.alpha, args.batch_size, DTYPES[args.dtype],
-                     args.seed, device, args.inputs_per_batch, identity)
+                     args.seed, device, args.inputs_per_batch, identity, mode)
     return method, ctx, inputs, indices, run
 
 
@@ -174,9 +208,10 @@ def cmd_certify(args) -> int:
     method, ctx, inputs, indices, run = certify_state(args)
     cls = type(method)
     columns = CERTIFY_COLUMNS + COMMON_COLUMNS + tuple(c for c in cls.columns if c not in COMMON_COLUMNS)
+    columns += tuple(c for c in ctx.mode.columns if c not in columns)
     # a method that only samples may change its batch sizes on resume (the numbers depend on "block" only)
     results = ResultsFile(Path(args.out), columns, {"command": "certify", **run, "n0": args.n0,
-                                                    "method": method.config()},
+                                                    "method": method.config(), **ctx.mode.config()},
                           continuable=("batch_size", "inputs_per_batch") if cls.samples_only else ())
     on_open = lambda done: method.open(ctx, results.path, done)  # noqa: E731
     try:

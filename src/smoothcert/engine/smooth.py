@@ -34,6 +34,7 @@ from smoothcert.geometry.norms import NormRadii
 from smoothcert.geometry.regions import Region
 from smoothcert.engine.sampling import DTYPES, Observer, sample_counts
 from smoothcert.stats.bounds import binomial_pvalue, clopper_pearson_lower
+from smoothcert.stats.sequential import randomized_cp_lower
 from smoothcert.validation import check_alpha, check_count, check_inputs, check_num_classes, check_sample_sizes
 
 ABSTAIN = -1
@@ -91,6 +92,10 @@ class Certificate:
     dtype: str
     noise: Noise = field(repr=False)
     seed: int | None = None
+    #: Estimation samples actually drawn (``n`` for fixed-n CERTIFY; fewer when a sequential test stopped early).
+    n_used: int | None = None
+    #: What the mode of certification adds to the row (e.g. ``cp_uniform``, ``decision``).
+    extra: dict = field(default_factory=dict, repr=False)
     radii: NormRadii | None = field(default=None, repr=False)
 
     @property
@@ -163,6 +168,7 @@ def certify(
     seed: int | None = None,
     range_policy: str = "warn",
     observers: Sequence[Observer] = (),
+    uniforms: Sequence[float] | None = None,
 ) -> list[Certificate]:
     """CERTIFY a batch ``x`` of shape ``(B, *input_shape)``; one :class:`Certificate` per input.
 
@@ -175,6 +181,10 @@ def certify(
     estimation block as ``observer(rows, noise, predictions)`` (:data:`~smoothcert.engine.sampling.Observer`),
     in sample order, part after part; an observer with a ``begin(classes)`` method is first given the selected
     class of every input (an int64 tensor (B,)). What they accumulate is read from the observer objects.
+
+    ``uniforms`` (one draw in [0, 1] per input, independent of the samples): the randomized Clopper-Pearson
+    bound (:func:`~smoothcert.stats.sequential.randomized_cp_lower`, coverage exactly ``1 - alpha``) instead
+    of Clopper-Pearson's; each certificate records its draw as ``extra["cp_uniform"]``.
     """
     _validate(model, x, num_classes, alpha, batch_size, dtype, range_policy)
     check_sample_sizes(n0, n)
@@ -188,19 +198,26 @@ def certify(
     with evaluation_mode(model):
         counts, top = _certify_counts(model, x, noises, n0, n, num_classes, select, estimate, observers, kw)
     n_a = counts[np.arange(len(top)), top]
-    p_lower = np.atleast_1d(clopper_pearson_lower(n_a, np.full_like(n_a, n), alpha))
+    if uniforms is None:
+        p_lower = np.atleast_1d(clopper_pearson_lower(n_a, np.full_like(n_a, n), alpha))
+        extras = [{} for _ in range(len(top))]
+    else:
+        if len(uniforms) != len(top):
+            raise ValueError(f"got {len(uniforms)} uniform draws for {len(top)} inputs")
+        p_lower = randomized_cp_lower(n_a, np.full_like(n_a, n), alpha, np.asarray(uniforms, dtype=np.float64))
+        extras = [{"cp_uniform": float(u)} for u in uniforms]
     out = []
     for i in range(x.shape[0]):
         p = float(p_lower[i])
         if p < 0.5:
             out.append(Certificate(ABSTAIN, p, counts[i], float("nan"), None, 0.0, 0.0, n0, n, alpha,
-                                   dtype_name(dtype), noises[i], seed, NormRadii.zero()))
+                                   dtype_name(dtype), noises[i], seed, n, extras[i], radii=NormRadii.zero()))
             continue
         g = float(noises[i].gap(p))
         region = noises[i].region(x[i], g)
         out.append(Certificate(int(top[i]), p, counts[i], g, region, region.inscribed_radius,
-                               region.proxy_radius, n0, n, alpha, dtype_name(dtype), noises[i], seed,
-                               noises[i].norm_radii(p, g, region)))
+                               region.proxy_radius, n0, n, alpha, dtype_name(dtype), noises[i], seed, n, extras[i],
+                               radii=noises[i].norm_radii(p, g, region)))
     return out
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from scipy.stats import norm
 
 from smoothcert.evaluation.plots import draw_curves, save_figure  # noqa: F401 (save_figure: kept importable here)
+from smoothcert.evaluation.comparison import comparison_warnings, distinct_names  # noqa: F401 (re-exported)
 
 __all__ = ["Results", "load_results", "certified_accuracy", "average_certified_radius", "average_radius_improvement",
            "report", "plot_curves"]
@@ -205,16 +206,30 @@ def _table(header: list[str], rows: list[list[str]], latex: bool) -> str:
     return "\n".join(lines)
 
 
+def samples_cells(res: Results) -> list[str]:
+    """Mean and median estimation samples per input: ``n_used`` (what was drawn), else ``n``; "-" if neither."""
+    key = "n_used" if "n_used" in res.columns else "n" if "n" in res.columns else None
+    if key is None or not len(res):
+        return ["-", "-"]
+    used = np.array([float(v) for v in res.columns[key]])
+    return [f"{used.mean():,.0f}", f"{np.median(used):,.0f}"]
+
+
 def summary_table(results: Sequence[Results], radii: Sequence[float], *, latex: bool = False,
                   proxy: bool = False) -> str:
-    """Certified accuracy at ``radii``, ACR, clean accuracy, abstention rate and seconds per input, per file."""
+    """Certified accuracy at ``radii``, ACR, clean accuracy, abstention rate, seconds per input and (when the files
+    record them) mean and median estimation samples per input (``n_used``), per file."""
     header = ["method", "inputs"] + [f"r={r:g}" for r in radii] + ["ACR", "clean acc.", "abstain", "s/input"]
+    samples = any(k in res.columns for res in results for k in ("n_used", "n"))
+    if samples:
+        header += ["mean n", "median n"]
     rows = []
     for res in (r for r in results if r.certifies):
         acc = certified_accuracy(res.radius, res.correct, radii)
         rows.append([res.name, str(len(res))] + [f"{a:.3f}" for a in acc] + [
             f"{average_certified_radius(res.radius, res.correct):.3f}", f"{np.mean(res.correct):.3f}",
-            f"{np.mean(res.predict == -1):.3f}", f"{np.mean(res.seconds):.3g}"])
+            f"{np.mean(res.predict == -1):.3f}", f"{np.mean(res.seconds):.3g}"]
+                    + (samples_cells(res) if samples else []))
     text = _table(header, rows, latex) if rows else ""
     answers = [r for r in results if not r.certifies]
     if answers:
@@ -234,23 +249,6 @@ def predict_table(results: Sequence[Results], *, latex: bool = False) -> str:
     rows = [[r.name, str(len(r)), f"{np.mean(r.correct):.3f}", f"{np.mean(r.predict == -1):.3f}",
              f"{np.mean(~r.correct & (r.predict != -1)):.3f}", f"{np.mean(r.seconds):.3g}"] for r in results]
     return _table(header, rows, latex)
-
-
-def comparison_warnings(results: Sequence[Results]) -> list[str]:
-    """What makes files hard to compare: other models (checkpoint sha256) or other data (data set, split)."""
-    known = [r for r in results if r.config]
-    out = []
-    for what, key in (("models", lambda c: tuple(x.get("sha256") for x in c.get("checkpoints", []))),
-                      ("data", lambda c: (c.get("dataset"), c.get("split")))):
-        groups: dict[Any, list[str]] = {}
-        for r in known:
-            groups.setdefault(key(r.config), []).append(r.name)
-        if len(groups) > 1:
-            parts = [f"{', '.join(names)}" for names in groups.values()]
-            shown = "; ".join(f"{'/'.join(str(v)[:12] for v in k)}: {p}" for k, p in zip(groups, parts))
-            out.append(f"the files come from different {what} ({shown}): their numbers are not a like-for-like "
-                       "comparison")
-    return out
 
 
 #: Norms whose zeroth- and first-order radii a first-order log holds as ``radius_<norm>_0`` / ``radius_<norm>_1``.
@@ -332,16 +330,6 @@ def plot_curves(results: Sequence[Results], path: str | Path, *, proxy: bool = F
     title = "certified accuracy" + (f": {', '.join(shared.values())}" if shared else "")
     marks = [(c, f"Clopper-Pearson ceiling {c:.3g} = sigma Phi^-1(alpha^(1/n))") for c in sorted(ceilings)]
     return draw_curves(curves, path, xlabel="proxy radius" if proxy else "l2 radius", title=title, ceilings=marks)
-
-
-def distinct_names(paths: Sequence[str | Path]) -> list[str]:
-    """Names for ``paths`` that tell them apart: the file stem, with as many parent folders as needed."""
-    paths = [Path(p) for p in paths]
-    for depth in range(1, max((len(p.parts) for p in paths), default=1) + 1):
-        names = ["/".join(p.with_suffix("").parts[-depth:]) for p in paths]
-        if len(set(names)) == len(names):
-            return names
-    return [str(p) for p in paths]
 
 
 def improvement_table(results: Sequence[Results], baseline: Results, *, latex: bool = False) -> str:

@@ -23,11 +23,14 @@ from typing import Any, ClassVar
 import torch
 
 from smoothcert.engine.sampling import input_generator
+from smoothcert.engine.sequential import Mode, certify_in_mode
+from smoothcert.engine.smooth import Certificate
+from smoothcert.noise.base import Noise
 from smoothcert.methods.records import MethodRecord, record_row
 from smoothcert.settings import Settings, number
 
 #: Columns every certification method fills, after Cohen's ``idx label predict radius correct time``.
-COMMON_COLUMNS = ("radius_proxy", "p_lower", "gap", "n", "method", "dtype", "sampling")
+COMMON_COLUMNS = ("radius_proxy", "p_lower", "gap", "n", "method", "dtype", "sampling", "n_used")
 
 
 @dataclass
@@ -39,6 +42,10 @@ class RunContext:
     ``identity`` names what the run certifies (the command line gives the checkpoints' ``sha256`` list as
     ``checkpoints`` and the data set's ``dataset`` and ``split``); state saved for a run, such as the
     certification memory, is refused by a run with another identity.
+
+    ``mode`` (:class:`~smoothcert.engine.sequential.Mode`) says how CERTIFY spends its estimation samples:
+    ``fixed`` (``n`` of them, the default), ``target`` or ``anytime`` (sequential, at most ``mode.n_max``);
+    :meth:`certify` runs it for the methods whose certify step is Cohen's.
     """
 
     model: torch.nn.Module
@@ -52,6 +59,7 @@ class RunContext:
     device: torch.device
     inputs_per_batch: int = 1
     identity: dict[str, Any] = field(default_factory=dict)
+    mode: Mode = field(default_factory=Mode)
 
     @property
     def block(self) -> int:
@@ -64,6 +72,14 @@ class RunContext:
     def certify_generators(self, indices: Sequence[int]) -> list[tuple[torch.Generator, torch.Generator]]:
         """Independent (selection, estimation) streams per input for :func:`smoothcert.smooth.certify`."""
         return list(zip(self.generators(indices, "select"), self.generators(indices, "estimate")))
+
+    def certify(self, x: torch.Tensor, noise: Noise | Sequence[Noise], indices: Sequence[int]) -> list[Certificate]:
+        """Cohen's certify step for ``x`` with ``noise`` (one, or one per input) in the run's :attr:`mode`, from the
+        inputs' ``select`` / ``estimate`` streams (and ``cp-uniform`` for the randomized bound)."""
+        uniforms = self.generators(indices, "cp-uniform") if self.mode.randomized else None
+        return certify_in_mode(self.mode, self.model, x, noise, self.num_classes, self.n0, self.n, self.alpha,
+                               batch_size=self.batch_size, block=self.block, generators=self.certify_generators(indices),
+                               uniform_generators=uniforms, dtype=self.dtype, seed=self.seed)
 
 
 def sigma_setting() -> Any:
@@ -86,6 +102,9 @@ class CertifyMethod(ABC):
     keywords: ClassVar[dict[str, str]] = {}
     #: True for methods that only sample the base classifier (no gradient through it): it may be compiled.
     samples_only: ClassVar[bool] = False
+    #: True for methods whose certify step is Cohen's through :meth:`RunContext.certify`, so every mode of
+    #: certification (target, anytime, the randomized bound) applies; others run fixed-n CERTIFY only.
+    modes: ClassVar[bool] = False
     registry: ClassVar[dict[str, type["CertifyMethod"]]] = {}
 
     def __init_subclass__(cls, **kwargs):

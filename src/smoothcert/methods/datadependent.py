@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from smoothcert.engine.smooth import Certificate, certify, evaluation_mode
+from smoothcert.engine.smooth import Certificate, evaluation_mode
 from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
 from smoothcert.methods.compare_base import compare_with_base
 from smoothcert.methods.memory_replay import RunMemory
@@ -121,6 +121,7 @@ class DataDependentMethod(CertifyMethod):
     columns = ("sigma", "scale_iso", "min_scale", "max_scale", "norm", "radius_norm", "memory", "fallback",
                "noise_kept", "scale_flag")
     settings_type = DataDependentSettings
+    modes = True  # in target mode the region certified (and remembered) is the one at radius r, never larger
     keywords = {"samples": "opt_samples", "gap": "opt_gap", "max_batch": "opt_batch_size"}
 
     def __init__(self, settings: Any = None, /, **keywords: Any):
@@ -204,9 +205,7 @@ class DataDependentMethod(CertifyMethod):
             choices = self.fallback_choices(x.shape[0], "not-differentiable: " + " ".join(str(e).split()))
         if self.settings.compare_base:
             choices = self.keep_better(ctx, x, indices, choices)
-        certs = certify(ctx.model, x, [c.noise for c in choices], ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
-                        batch_size=ctx.batch_size, block=ctx.block, generators=ctx.certify_generators(indices),
-                        dtype=ctx.dtype, seed=ctx.seed)
+        certs = ctx.certify(x, [c.noise for c in choices], indices)
         return list(zip(choices, certs))
 
     def finish(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int],
@@ -275,7 +274,7 @@ class DataDependentMethod(CertifyMethod):
         """What a saved memory must have been built with: the method's settings, the run's sampling and what the
         run certifies (``ctx.identity``: the checkpoints' sha256 and the data set split)."""
         return {**self.config(), "seed": ctx.seed, "n0": ctx.n0, "n": ctx.n, "alpha": ctx.alpha,
-                "dtype": str(ctx.dtype), "num_classes": ctx.num_classes, **ctx.identity}
+                "dtype": str(ctx.dtype), "num_classes": ctx.num_classes, **ctx.identity, **ctx.mode.config()}
 
     #: The noise certified for a dataset index of a results log (:meth:`NoiseStore.load`).
     load_noise = staticmethod(NoiseStore.load)

@@ -10,13 +10,14 @@ l1 ball of radius ``lambda (2 p_A - 1)`` and the l_inf ball of radius ``2 lambda
 With ``sampling="sound"`` (Gaussian noise only) the noise is drawn exactly on the 8-bit input grid
 (:class:`~smoothcert.noise.discrete.DiscretizedGaussian`) and the guarantee holds for the smoothed classifier of
 ``f(clip(round(x + delta)))`` as computed, floating point included.
+In ``--mode target`` / ``anytime`` the estimation samples are drawn sequentially
+(:mod:`smoothcert.engine.sequential`, whose docstring states each mode's guarantee).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smoothcert.engine.smooth import certify
 from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
 from smoothcert.methods.records import MethodRecord
 from smoothcert.noise.discrete import SAMPLINGS, gaussian_noise
@@ -55,6 +56,7 @@ class FixedSigma(CertifyMethod):
     columns = ("sigma", "noise", "scale", "norm", "radius_l1", "radius_l2", "radius_linf", "converted")
     settings_type = FixedSettings
     samples_only = True
+    modes = True
 
     def __init__(self, settings: FixedSettings | float | None = None, /, **keywords):
         """``FixedSigma(FixedSettings(0.25))``, ``FixedSigma(0.25)`` or ``FixedSigma(sigma=0.25, noise="laplace")``."""
@@ -68,9 +70,7 @@ class FixedSigma(CertifyMethod):
         self.noise.check_support(x)
 
     def certify(self, ctx: RunContext, x, labels, indices) -> list[MethodRecord]:
-        certs = certify(ctx.model, x, self.noise, ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
-                        batch_size=ctx.batch_size, block=ctx.block, generators=ctx.certify_generators(indices),
-                        dtype=ctx.dtype, seed=ctx.seed)
+        certs = ctx.certify(x, self.noise, indices)
         s = self.settings
         fields = {"sigma": s.sigma, "noise": s.noise, "scale": self.noise.scale, "norm": s.norm}
         return [MethodRecord(self.name, c, c.region, fields, norm=s.norm) for c in certs]

@@ -119,8 +119,9 @@ class MethodRecord:
         radii = self.norm_radii
         return {"predict": self.prediction, "radius": self.radius, "radius_proxy": self.radius_proxy,
                 "p_lower": cert.p_lower, "gap": cert.gap, "n": cert.n, "method": self.method, "dtype": cert.dtype,
-                "sampling": getattr(cert, "sampling", "float"), **({} if radii is None else radii.columns()),
-                **self.fields}
+                "sampling": getattr(cert, "sampling", "float"),
+                "n_used": cert.n if getattr(cert, "n_used", None) is None else cert.n_used,
+                **({} if radii is None else radii.columns()), **getattr(cert, "extra", {}), **self.fields}
 
 
 @dataclass(frozen=True)

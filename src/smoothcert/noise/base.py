@@ -20,6 +20,7 @@ import torch
 from smoothcert.geometry.norms import NormRadii
 from smoothcert.geometry.regions import Region
 from smoothcert.stats.bounds import gap as normal_gap
+from smoothcert.stats.bounds import level as normal_level
 
 __all__ = ["Noise", "noise_from_parameters", "SAMPLE_DTYPE", "as_sampled"]
 
@@ -119,6 +120,11 @@ class Noise(ABC):
         (Laplace, uniform) overrides this.
         """
         return NormRadii.from_certified({"l2": region.inscribed_radius}, region.dim)
+
+    def level(self, gap: float) -> float:
+        """The inverse of :meth:`gap`: the top-class probability whose certified gap is ``gap`` (``Phi(gap)`` for
+        Gaussian noise). A sequential test of ``p_A >= level(g)`` certifies the region at gap ``g``."""
+        return float(normal_level(gap))
 
 
 def noise_from_parameters(kind: str, params: dict[str, torch.Tensor]) -> Noise:

@@ -148,6 +148,10 @@ class UniformDiagonal(Noise):
         """``2 p_A - 1``: the l1 gap of uniform noise (0 at ``p_A = 1/2``)."""
         return 2.0 * float(p_lower) - 1.0
 
+    def level(self, gap: float) -> float:
+        """``(1 + gap) / 2``: the inverse of :meth:`gap`."""
+        return (1.0 + float(gap)) / 2.0
+
     def region(self, center, gap):
         d = int(center.numel())
         lam = self.half_width.reshape(-1)

@@ -19,7 +19,7 @@ from scipy import stats as _st
 
 from smoothcert.validation import check_alpha
 
-__all__ = ["clopper_pearson_lower", "clopper_pearson_upper", "binomial_pvalue", "gap", "max_certifiable_gap"]
+__all__ = ["clopper_pearson_lower", "clopper_pearson_upper", "binomial_pvalue", "gap", "level", "max_certifiable_gap"]
 
 
 def _counts(successes: ArrayLike, trials: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +74,12 @@ def binomial_pvalue(successes: int, trials: int, p: float = 0.5) -> float:
 def gap(p: ArrayLike) -> np.ndarray | float:
     """``Phi^-1(p)``: the normalized margin of a Gaussian certificate (seed 000 eq. 3.3)."""
     out = _st.norm.ppf(np.asarray(p, dtype=np.float64))
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def level(g: ArrayLike) -> np.ndarray | float:
+    """``Phi(g)``: the probability whose Gaussian gap is ``g`` (the inverse of :func:`gap`)."""
+    out = _st.norm.cdf(np.asarray(g, dtype=np.float64))
     return float(out) if np.ndim(out) == 0 else out
 
 
