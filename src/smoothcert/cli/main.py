@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from smoothcert.cli.common import load_base_classifier, resolve_device
+from smoothcert.cli.common import load_base_classifier, load_denoised, resolve_device
 from smoothcert.cli.demo import run_demo
+from smoothcert.cli.denoiser import add_denoiser_arguments, run_train_denoiser
 from smoothcert.cli.options import add_method_options, build_method
 from smoothcert.cli.runner import CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultsFile, run_dataset, select_indices
 from smoothcert.cli.train import add_train_arguments, run_train
@@ -32,6 +33,9 @@ def _compilable() -> list[str]:
 def _common(p: argparse.ArgumentParser, *, certify: bool) -> None:
     p.add_argument("--checkpoint", action="append", required=True,
                    help="model checkpoint (.safetensors with its .json); repeat to average several (an ensemble)")
+    p.add_argument("--denoiser", default=None,
+                   help="denoised smoothing: a denoiser checkpoint (smoothcert train-denoiser) put in front of the "
+                        "classifier; the base classifier is then CHECKPOINT o DENOISER")
     p.add_argument("--dataset", default=None, help="data set name (default: the checkpoint's)")
     p.add_argument("--split", default="test", help="split to certify (default: test)")
     p.add_argument("--data-root", default=None, help="directory of a data set read from disk (e.g. CIFAR-10 batches)")
@@ -70,9 +74,14 @@ def _setup(args, method: type[CertifyMethod] | None = None):
     _check_compile(args, method)
     device = resolve_device(args.device)
     model, config, fingerprint = load_base_classifier(args.checkpoint, device)
+    denoiser = None
+    if args.denoiser is not None:
+        model, denoiser = load_denoised(model, config, args.denoiser, device)
     if args.compile:
         model = torch.compile(model)
     dataset = load_dataset(args.dataset or config.get("dataset"), args.split, root=args.data_root)
+    if args.sigma is None and denoiser is not None and denoiser["sigma"] is not None:
+        args.sigma = float(denoiser["sigma"])  # a denoised classifier is certified at its denoiser's sigma
     if args.sigma is None:
         if config.get("sigma") is None:
             raise ValueError("give --sigma (the checkpoint does not record a training sigma)")
@@ -91,15 +100,20 @@ def _setup(args, method: type[CertifyMethod] | None = None):
            "batch_size": args.batch_size, "inputs_per_batch": args.inputs_per_batch, "dtype": args.dtype,
            "seed": args.seed, "compile": args.compile, "indices": f"range(0, {indices[-1] + 1 if indices else 0}, {args.skip})",
            "count": len(indices)}
+    if denoiser is not None:
+        run["denoiser"] = denoiser
     return device, model, num_classes, dataset, indices, inputs, run
 
 
 def cmd_certify(args) -> int:
     cls = method_class(args.method)
-    device, model, num_classes, _, indices, inputs, run = _setup(args, cls)
+    device, model, num_classes, dataset, indices, inputs, run = _setup(args, cls)
     method = build_method(cls, args)
+    method.check_input_shape(tuple(dataset.input_shape))
     identity = {"checkpoints": [c["sha256"] for c in run["checkpoints"]], "dataset": run["dataset"],
                 "split": run["split"]}
+    if "denoiser" in run:
+        identity["denoiser"] = run["denoiser"]["sha256"]
     ctx = RunContext(model, num_classes, args.n0, args.n, args.alpha, args.batch_size, DTYPES[args.dtype],
                      args.seed, device, args.inputs_per_batch, identity)
     columns = CERTIFY_COLUMNS + COMMON_COLUMNS + tuple(c for c in cls.columns if c not in COMMON_COLUMNS)
@@ -172,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a base classifier under noise")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
+
+    p = sub.add_parser("train-denoiser", help="train a denoiser in front of a frozen classifier (denoised smoothing)")
+    add_denoiser_arguments(p)
+    p.set_defaults(func=run_train_denoiser)
 
     p = sub.add_parser("certify", help="certify a data set split; resumable TSV results")
     _common(p, certify=True)

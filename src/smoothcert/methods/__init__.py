@@ -8,6 +8,8 @@ from smoothcert.methods.ancer import ANCER  # noqa: F401  (registers --method an
 from smoothcert.methods.rancer import RANCER, RANCERBest  # noqa: F401  (registers --method rancer, rancer-best)
 from smoothcert.methods.rddrs import RDDRS  # noqa: F401  (registers --method rddrs)
 from smoothcert.methods.firstorder.method import FirstOrder  # noqa: F401  (registers --method first-order)
+from smoothcert.methods.semantic import Translation  # noqa: F401  (registers --method translation)
+from smoothcert.methods.rotation import Rotation  # noqa: F401  (registers --method rotation)
 
 __all__ = ["COMMON_COLUMNS", "CertifyMethod", "FixedSigma", "MemoryDecision", "MethodRecord", "Prediction",
            "RunContext", "method_class", "record_row"]

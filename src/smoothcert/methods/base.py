@@ -135,6 +135,10 @@ class CertifyMethod(ABC):
     def check_sampling(self, n: int | None = None, alpha: float | None = None) -> None:
         """Check, before any sampling, that the run's ``n`` and ``alpha`` suit the settings (default: any)."""
 
+    def check_input_shape(self, shape: tuple[int, ...]) -> None:
+        """Check, before any sampling or file, that inputs of ``shape`` (no batch dimension) suit the settings
+        (default: any)."""
+
     @abstractmethod
     def certify(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
                 ) -> list[MethodRecord]:
