@@ -204,6 +204,17 @@ def test_cli_train_denoiser_and_certify_record_both_checkpoints(tmp_path, capsys
     assert side["denoiser"]["sha256"] == file_digest(tmp_path / "den.safetensors")
     assert side["checkpoints"][0]["sha256"] == file_digest(tmp_path / "clf.safetensors")
     assert side["denoiser"]["sigma"] == 0.25 and len(out.read_text().splitlines()) == 4
+    # the other modes: PREDICT, bfloat16, several inputs per forward pass, a data-dependent method with memory
+    pred = tmp_path / "p.tsv"
+    assert main(["predict", "--checkpoint", stem, "--denoiser", str(den), "--n", "50", "--alpha", "0.1", "--max", "3",
+                 "--out", str(pred), "--no-progress", "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert json.loads((tmp_path / "p.tsv.json").read_text())["denoiser"]["sha256"] == side["denoiser"]["sha256"]
+    mem = tmp_path / "m.tsv"
+    assert main([*cert(den, mem)[:-3], "--device", "cpu", "--method", "dds", "--dds-steps", "2", "--opt-samples",
+                 "8", "--inputs-per-batch", "3"]) == 0
+    assert len(mem.read_text().splitlines()) == 4
+    memory = json.loads((tmp_path / "m.tsv.memory" / "memory.json").read_text())
+    assert memory["config"]["denoiser"] == side["denoiser"]["sha256"]  # the memory is tied to C and D
     # a denoiser for another input shape, and a classifier given as denoiser: refused before any file
     other = save_checkpoint(tmp_path / "other", build_model("dncnn", input_shape=(1, 28, 28), depth=2, width=2),
                             {"role": "denoiser", "num_classes": 0, "sigma": 0.25})

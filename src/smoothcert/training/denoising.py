@@ -117,7 +117,10 @@ def train_denoiser(denoiser: nn.Module, classifier: nn.Module, train_set, *, obj
         saved = {k: state["settings"][k] for k in settings}
         if saved != settings:
             raise ValueError(f"cannot resume: the run at {prefix} has settings {saved}, now {settings}")
-        denoiser.load_state_dict(state["model"])
+        try:
+            denoiser.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise ValueError(f"cannot resume: the denoiser saved at {prefix} has another architecture: {err}") from err
         opt.load_state_dict(state["optimizer"])
         history, start = list(state["history"]), int(state["epoch"])
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
