@@ -33,7 +33,7 @@ def test_dncnn_is_the_identity_at_initialization(depth, width, shape):
         built = build_model("dncnn", input_shape=shape, depth=depth, width=width)
         assert float((built(z) - z).abs().max()) < 1e-6
     # the residual's hidden layers are not trivial: only the last convolution starts at zero
-    assert float(d.residual[0].weight.abs().sum()) > 0
+    assert float(d.residual[0].weight.detach().abs().sum()) > 0
     assert sum(isinstance(m, torch.nn.Conv2d) for m in d.modules()) == depth
 
 
