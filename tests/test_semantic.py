@@ -215,7 +215,7 @@ def test_interpolation_bound_holds_at_random_angles():
         j = torch.randint(0, settings.angle_cells, (4000,), generator=g)
         side = torch.randint(0, 2, (4000,), generator=g)
         gamma = (j + torch.rand(4000, generator=g)) * cell * (1 - 2 * side)
-        once = torch.stack([rotate(x, gamma[i:i + 1])[0] for i in range(4000)])
+        once = rotate(x, gamma)  # R_gamma x for each gamma, then each rotated by its own beta
         err = (rotate(once, beta) - rotate(x, beta + gamma)).flatten(1).norm(dim=1).double().numpy()
         assert (err <= bounds[side.numpy(), j.numpy()]).all()
         assert err.max() > 0  # interpolation errors are real, and all of them lie below the bound
