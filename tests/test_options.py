@@ -32,7 +32,10 @@ OLD_OPTIONS = {
 }
 #: Options added since, with their defaults (a default keeps the earlier behaviour).
 NEW_OPTIONS = {"--ancer-constraint": "elementwise", "--compare-base": 0, "--top-k": 1, "--topk-label": "label",
-               "--sampling": "float", "--noise": "gaussian"}
+               "--sampling": "float", "--noise": "gaussian",
+               "--shift-sigma": 2.0, "--max-shift": 8, "--translation-mode": "smooth",
+               "--angle-sigma": 10.0, "--max-angle": 10.0, "--angle-cells": 10, "--beta-step": 0.05,
+               "--angle-tail": 4.0}
 OPTIONS = {**OLD_OPTIONS, **NEW_OPTIONS}
 
 
@@ -85,12 +88,13 @@ def other_value(f):
 def test_each_methods_options_parse_into_its_settings(name):
     cls = method_class(name)
     # each setting on its own (some pairs exclude each other, e.g. fixed's --noise laplace with --sampling sound)
+    base = {"sigma": 0.3} if "sigma" in cls.settings_type.field_names() else {}  # translations: shifts only
     for f in dataclasses.fields(cls.settings_type):
         if f.name != "sigma":
             value, words = other_value(f)
             method = build_method(cls, method_parser().parse_args(["--sigma", "0.3", *words]))
             assert type(method) is cls
-            assert method.settings == cls.settings_type(sigma=0.3, **{f.name: value})
+            assert method.settings == cls.settings_type(**base, **{f.name: value})
             assert method.config() == {"name": name, **method.settings.to_dict()}
     # plot-regions draws single inputs: memory off by an override, whatever the options say
     single = build_method(cls, method_parser().parse_args(["--sigma", "0.3"]), memory=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from smoothcert.models.checkpoint import load_checkpoint
+from smoothcert.models.denoiser import DenoisedClassifier, check_compatible
 from smoothcert.models.ensemble import Ensemble
 
 
@@ -38,13 +39,29 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_path(path: str) -> Path:
+    """The weights file of a checkpoint named by its stem or its file."""
+    found = [c for c in (Path(path), Path(f"{path}.safetensors")) if c.is_file()]
+    if not found:
+        raise ValueError(f"no checkpoint weights at {path} or {path}.safetensors")
+    return found[0]
+
+
+def load_denoised(model: torch.nn.Module, config: dict, path: str, device: torch.device):
+    """``model o D`` for the denoiser checkpoint at ``path`` (its input shape checked against the classifier's and
+    its output shape against its input); returns (composed model, denoiser fingerprint with its sigma)."""
+    denoiser, dconfig = load_checkpoint(path, device=device)
+    check_compatible(config, dconfig)
+    composed = DenoisedClassifier(model, denoiser, config["input_shape"]).to(device).eval()
+    return composed, {"path": str(path), "sha256": file_digest(weights_path(path)), "sigma": dconfig.get("sigma")}
+
+
 def load_base_classifier(paths: list[str], device: torch.device):
     """One checkpoint, or several averaged by soft voting (an ensemble); returns (model, config, fingerprint)."""
     loaded = [load_checkpoint(p, device=device) for p in paths]
     fingerprint = []
     for p in paths:
-        weights = next(c for c in (Path(p), Path(f"{p}.safetensors")) if c.is_file())
-        fingerprint.append({"path": str(p), "sha256": file_digest(weights)})
+        fingerprint.append({"path": str(p), "sha256": file_digest(weights_path(p))})
     if len(loaded) == 1:
         model, config = loaded[0]
     else:

@@ -9,6 +9,8 @@ from smoothcert.methods.rancer import RANCER, RANCERBest  # noqa: F401  (registe
 from smoothcert.methods.rddrs import RDDRS  # noqa: F401  (registers --method rddrs)
 from smoothcert.methods.firstorder.method import FirstOrder  # noqa: F401  (registers --method first-order)
 from smoothcert.methods.topk import TopK  # noqa: F401  (registers --method topk)
+from smoothcert.methods.semantic import Translation  # noqa: F401  (registers --method translation)
+from smoothcert.methods.rotation import Rotation  # noqa: F401  (registers --method rotation)
 
 __all__ = ["COMMON_COLUMNS", "CertifyMethod", "FixedSigma", "MemoryDecision", "MethodRecord", "Prediction",
            "RunContext", "method_class", "record_row"]

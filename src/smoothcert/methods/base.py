@@ -160,6 +160,10 @@ class CertifyMethod(ABC):
     def check_inputs(self, x: torch.Tensor) -> None:
         """A ValueError, before any sampling or file, if the method cannot certify inputs ``x`` (default: any)."""
 
+    def check_input_shape(self, shape: tuple[int, ...]) -> None:
+        """Check, before any sampling or file, that inputs of ``shape`` (no batch dimension) suit the settings
+        (default: any)."""
+
     @abstractmethod
     def certify(self, ctx: RunContext, x: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]
                 ) -> list[MethodRecord]:
