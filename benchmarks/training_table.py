@@ -60,7 +60,7 @@ from smoothcert.engine.smooth import certify
 from smoothcert.engine.sampling import input_generator
 from smoothcert.models.checkpoint import load_checkpoint
 from smoothcert.cli.common import resolve_device
-from smoothcert.data.datasets import load_dataset
+from smoothcert.data.datasets import SmoothingDataset, load_dataset
 from smoothcert.models.ensemble import Ensemble
 from smoothcert.evaluation.tables import average_certified_radius, certified_accuracy, load_results
 from smoothcert.models.architectures import model_for_dataset
@@ -182,10 +182,19 @@ def certify_model(model, path: Path, sigma: float, args, test_set, device, confi
                        inputs_per_batch=args.inputs_per_batch, progress=args.progress)
 
 
+def head(dataset: SmoothingDataset, size: int | None) -> SmoothingDataset:
+    """The first ``size`` items of ``dataset`` (all of it for ``None``)."""
+    if size is None or size >= len(dataset):
+        return dataset
+    return SmoothingDataset(dataset.inputs[:size], dataset.labels[:size], num_classes=dataset.num_classes,
+                            name=dataset.name, split=dataset.split)
+
+
 def table(rows: list[list[str]], args) -> str:
     header = ["sigma", "model", "ACR", "clean acc"] + [f"{r:g}" for r in RADII] + ["train s", "s/epoch x Gaussian"]
     lines = [f"MNIST (smoothcert split), first {args.inputs} test digits, CERTIFY n0 = {args.n0}, n = {args.n:,}, "
-             f"alpha = {args.alpha}, {args.epochs} epochs, dtype {args.dtype}; accuracies in %.", "",
+             f"alpha = {args.alpha}, {args.epochs} epochs on {args.train_digits:,} training digits, dtype "
+             f"{args.dtype}; accuracies in %.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -206,6 +215,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="certification dtype (auto: bfloat16 on an accelerator, float32 on the CPU)")
+    parser.add_argument("--train-size", type=int, default=None, help="train on the first digits only (default all)")
+    parser.add_argument("--val-size", type=int, default=None,
+                        help="noisy validation digits per epoch, for the logs (default all test digits)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="only these method slugs (the ensemble's: gaussian-ensemble)")
     parser.add_argument("--progress", action="store_true", help="progress bars")
@@ -218,8 +230,9 @@ def main() -> None:
     if args.dtype == "auto":
         args.dtype = "float32" if device.type == "cpu" else "bfloat16"
     args.out.mkdir(parents=True, exist_ok=True)
-    train_set, test_set = load_dataset("mnist", "train"), load_dataset("mnist", "test")
-    val_set = test_set   # accuracy under noise per epoch, for the log only: no model selection uses it
+    train_set, test_set = head(load_dataset("mnist", "train"), args.train_size), load_dataset("mnist", "test")
+    args.train_digits = len(train_set)
+    val_set = head(test_set, args.val_size)  # accuracy under noise per epoch, for the logs only: no model selection
     if args.timing:
         text = epoch_seconds(args, train_set, device)
         (args.out / "epoch-seconds.md").write_text(text)
