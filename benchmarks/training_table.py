@@ -163,6 +163,16 @@ def train_member(method: Method, seed: int, sigma: float, args, train_set, val_s
     return stem, sum(row["seconds"] for row in history), statistics.median(row["seconds"] for row in history)
 
 
+@dataclass(frozen=True)
+class CertifiedRow:
+    """One input's CERTIFY result as the runner's record (:func:`smoothcert.methods.records.record_row`)."""
+
+    fields: dict
+
+    def values(self) -> dict:
+        return dict(self.fields)
+
+
 def certify_model(model, path: Path, sigma: float, args, test_set, device, config: dict) -> Path:
     noise = IsotropicGaussian(sigma)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -172,7 +182,7 @@ def certify_model(model, path: Path, sigma: float, args, test_set, device, confi
                 for i in indices]
         certs = certify(model, x.to(device), noise, 10, args.n0, args.n, args.alpha, batch_size=args.batch,
                         generators=gens, dtype=dtype, seed=args.seed)
-        return [{"predict": c.prediction, "radius": round(c.radius, 6), "p_lower": round(c.p_lower, 8)}
+        return [CertifiedRow({"predict": c.prediction, "radius": round(c.radius, 6), "p_lower": round(c.p_lower, 8)})
                 for c in certs]
 
     results = ResultsFile(path, CERTIFY_COLUMNS + ("p_lower",),
