@@ -3,14 +3,17 @@
 For each sigma (default 0.25 and 0.5), with the same architecture (the small MNIST CNN), epochs, optimizer and
 schedule for every method, it trains
 
-    Gaussian, Gaussian + PCA, consistency, generalized consistency, generalized consistency + PCA, MACER,
-    SmoothAdv, and a soft-voting ensemble of three Gaussian models (seeds 0, 1, 2),
+    Gaussian, Gaussian + PCA, consistency, generalized consistency (the KL term gated on the averaged logits,
+    seed 002 eq. 4.3, and on the averaged softmax, eq. 4.2), generalized consistency + PCA, MACER, MACER with the
+    gradient threshold 0.99 (seed 002 section 3.2), SmoothAdv, SmoothMix, CAT-RS, and a soft-voting ensemble of
+    three Gaussian models (seeds 0, 1, 2),
 
 then certifies the same first ``--inputs`` test digits (default 200 of the 1,000 in smoothcert's MNIST test
 split) with Cohen's CERTIFY (n0 = 100, n = 10,000, alpha = 0.001; per-input random streams from
 ``input_generator(seed, index, "select" / "estimate")``, so every model sees the same noise) and writes a
 Markdown table like seed 002 table 5.1: ACR, clean accuracy of the smoothed classifier (certified at radius 0),
-certified accuracy at radii 0.25, 0.5, 0.75 and 1.0, and training seconds (for the ensemble, its three members).
+certified accuracy at radii 0.25, 0.5, 0.75 and 1.0, training seconds (for the ensemble, its three members) and
+training seconds per epoch relative to Gaussian augmentation at the same sigma (from the training logs).
 
 Settings (documented choices for short MNIST runs):
 - all: SGD, momentum 0.9, weight decay 1e-4, lr 0.05, cosine schedule, batch 128, ``--epochs`` epochs;
@@ -20,8 +23,13 @@ Settings (documented choices for short MNIST runs):
 - MACER: k = 16, lbd = 12, gamma = 8, beta = 16, with the hinge deferred for the first quarter of the epochs and
   gradients clipped to norm 1: on this small CNN without batch norm MACER from scratch otherwise collapses to a
   constant classifier (the instability seed 002 section 3.2 describes);
+- MACER (threshold 0.99): the same, with ``--macer-threshold 0.99``;
 - SmoothAdv: epsilon = 0.5 (smaller than the CIFAR default 1.0, for MNIST), 10 PGD steps, m = 4, epsilon warm-up
-  over the first quarter of the epochs.
+  over the first quarter of the epochs;
+- SmoothMix: the public MNIST settings (jh-jeong/smoothmix EXPERIMENTS.MD): m = 4, step 1.0, eta 5.0, T = 2 steps
+  at sigma 0.25 and 4 at 0.5, eta warm-up over the first quarter of the epochs (10 of 90 in the public runs);
+- CAT-RS: the public defaults (alinlab/smoothing-catrs train_catrs.py): m = 4, epsilon 1.0, 4 steps, lbd 1.0
+  (the public MNIST model at sigma 0.25 uses lbd 1.0), with the one-hot label as the KL target.
 
 Everything is written under ``--out`` as it goes and a second run resumes: training continues from each model's
 last epoch, certification from its last complete row, and the table (``OUT/table.md``) is rewritten after each
@@ -52,7 +60,7 @@ from smoothcert.engine.smooth import certify
 from smoothcert.engine.sampling import input_generator
 from smoothcert.models.checkpoint import load_checkpoint
 from smoothcert.cli.common import resolve_device
-from smoothcert.data.datasets import load_dataset
+from smoothcert.data.datasets import SmoothingDataset, load_dataset
 from smoothcert.models.ensemble import Ensemble
 from smoothcert.evaluation.tables import average_certified_radius, certified_accuracy, load_results
 from smoothcert.models.architectures import model_for_dataset
@@ -87,7 +95,14 @@ def methods(sigma: float, epochs: int) -> list[Method]:
         Method("Generalized consistency + PCA", "gen-consistency-pca", "generalized-consistency", cons, pca=0.2),
         Method("MACER", "macer", "macer", {"k": 16, "lbd": 12.0, "gamma": 8.0, "beta": 16.0, "warmup": quarter},
                clip=1.0),
+        Method("Generalized consistency (softmax gate)", "gen-consistency-softmax", "generalized-consistency",
+               {**cons, "gate": "softmax"}),
+        Method("MACER (threshold 0.99)", "macer-threshold", "macer",
+               {"k": 16, "lbd": 12.0, "gamma": 8.0, "beta": 16.0, "warmup": quarter, "threshold": 0.99}, clip=1.0),
         Method("SmoothAdv", "smoothadv", "smoothadv", {"epsilon": 0.5, "steps": 10, "m": 4, "warmup": quarter}),
+        Method("SmoothMix", "smoothmix", "smoothmix",
+               {"m": 4, "steps": 2 if sigma <= 0.25 else 4, "step_size": 1.0, "eta": 5.0, "warmup": quarter}),
+        Method("CAT-RS", "cat-rs", "cat-rs", {"m": 4, "epsilon": 1.0, "steps": 4, "lbd": 1.0}),
         Method("Ensemble (m=3) of Gaussian", "gaussian", "gaussian", seeds=(0, 1, 2)),
     ]
 
@@ -134,8 +149,10 @@ def epoch_seconds(args, train_set, device) -> str:
     return "\n".join(lines) + "\n"
 
 
-def train_member(method: Method, seed: int, sigma: float, args, train_set, val_set, device) -> tuple[Path, float]:
-    """Train (or resume, or skip when done) one model; return its checkpoint stem and training seconds."""
+def train_member(method: Method, seed: int, sigma: float, args, train_set, val_set, device
+                 ) -> tuple[Path, float, float]:
+    """Train (or resume, or skip when done) one model; return its checkpoint stem, training seconds and the median
+    seconds per epoch."""
     stem = args.out / f"sigma{sigma:g}" / f"{method.slug}-seed{seed}"
     model, config = member_model(method, seed, sigma, train_set)
     history = train(model, train_set, sigma=sigma, epochs=args.epochs, seed=seed, out=stem, val_set=val_set,
@@ -143,7 +160,17 @@ def train_member(method: Method, seed: int, sigma: float, args, train_set, val_s
     last = history[-1]
     print(f"  {stem.name}: {len(history)} epochs, loss {last['loss']:.3f}, val noisy acc {last['val_noisy_acc']:.3f}",
           flush=True)
-    return stem, sum(row["seconds"] for row in history)
+    return stem, sum(row["seconds"] for row in history), statistics.median(row["seconds"] for row in history)
+
+
+@dataclass(frozen=True)
+class CertifiedRow:
+    """One input's CERTIFY result as the runner's record (:func:`smoothcert.methods.records.record_row`)."""
+
+    fields: dict
+
+    def values(self) -> dict:
+        return dict(self.fields)
 
 
 def certify_model(model, path: Path, sigma: float, args, test_set, device, config: dict) -> Path:
@@ -155,7 +182,7 @@ def certify_model(model, path: Path, sigma: float, args, test_set, device, confi
                 for i in indices]
         certs = certify(model, x.to(device), noise, 10, args.n0, args.n, args.alpha, batch_size=args.batch,
                         generators=gens, dtype=dtype, seed=args.seed)
-        return [{"predict": c.prediction, "radius": round(c.radius, 6), "p_lower": round(c.p_lower, 8)}
+        return [CertifiedRow({"predict": c.prediction, "radius": round(c.radius, 6), "p_lower": round(c.p_lower, 8)})
                 for c in certs]
 
     results = ResultsFile(path, CERTIFY_COLUMNS + ("p_lower",),
@@ -165,10 +192,19 @@ def certify_model(model, path: Path, sigma: float, args, test_set, device, confi
                        inputs_per_batch=args.inputs_per_batch, progress=args.progress)
 
 
+def head(dataset: SmoothingDataset, size: int | None) -> SmoothingDataset:
+    """The first ``size`` items of ``dataset`` (all of it for ``None``)."""
+    if size is None or size >= len(dataset):
+        return dataset
+    return SmoothingDataset(dataset.inputs[:size], dataset.labels[:size], num_classes=dataset.num_classes,
+                            name=dataset.name, split=dataset.split)
+
+
 def table(rows: list[list[str]], args) -> str:
-    header = ["sigma", "model", "ACR", "clean acc"] + [f"{r:g}" for r in RADII] + ["train s"]
+    header = ["sigma", "model", "ACR", "clean acc"] + [f"{r:g}" for r in RADII] + ["train s", "s/epoch x Gaussian"]
     lines = [f"MNIST (smoothcert split), first {args.inputs} test digits, CERTIFY n0 = {args.n0}, n = {args.n:,}, "
-             f"alpha = {args.alpha}, {args.epochs} epochs, dtype {args.dtype}; accuracies in %.", "",
+             f"alpha = {args.alpha}, {args.epochs} epochs on {args.train_digits:,} training digits, dtype "
+             f"{args.dtype}; accuracies in %.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -189,7 +225,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="certification dtype (auto: bfloat16 on an accelerator, float32 on the CPU)")
-    parser.add_argument("--only", nargs="+", default=None, help="only these method slugs")
+    parser.add_argument("--train-size", type=int, default=None, help="train on the first digits only (default all)")
+    parser.add_argument("--val-size", type=int, default=None,
+                        help="noisy validation digits per epoch, for the logs (default all test digits)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="only these method slugs (the ensemble's: gaussian-ensemble)")
     parser.add_argument("--progress", action="store_true", help="progress bars")
     parser.add_argument("--timing", action="store_true",
                         help="only time one training epoch of each method (interleaved rounds) and write "
@@ -200,8 +240,9 @@ def main() -> None:
     if args.dtype == "auto":
         args.dtype = "float32" if device.type == "cpu" else "bfloat16"
     args.out.mkdir(parents=True, exist_ok=True)
-    train_set, test_set = load_dataset("mnist", "train"), load_dataset("mnist", "test")
-    val_set = test_set   # accuracy under noise per epoch, for the log only: no model selection uses it
+    train_set, test_set = head(load_dataset("mnist", "train"), args.train_size), load_dataset("mnist", "test")
+    args.train_digits = len(train_set)
+    val_set = head(test_set, args.val_size)  # accuracy under noise per epoch, for the logs only: no model selection
     if args.timing:
         text = epoch_seconds(args, train_set, device)
         (args.out / "epoch-seconds.md").write_text(text)
@@ -210,20 +251,26 @@ def main() -> None:
     rows: list[list[str]] = []
     began = time.perf_counter()
     for sigma in args.sigmas:
+        gaussian_epoch = None
         for method in methods(sigma, args.epochs):
-            if args.only and method.slug not in args.only:
+            key = method.slug + ("-ensemble" if len(method.seeds) > 1 else "")
+            if args.only and key not in args.only:
                 continue
             print(f"sigma {sigma:g}: {method.label}", flush=True)
             trained = [train_member(method, s, sigma, args, train_set, val_set, device) for s in method.seeds]
-            models = [load_checkpoint(stem, device=device)[0] for stem, _ in trained]
+            models = [load_checkpoint(stem, device=device)[0] for stem, _, _ in trained]
+            per_epoch = sum(e for _, _, e in trained)
+            if method.slug == "gaussian" and len(trained) == 1:
+                gaussian_epoch = per_epoch
             model = models[0] if len(models) == 1 else Ensemble(models).eval()
             name = method.slug + ("-ensemble" if len(models) > 1 else "")
             path = certify_model(model, args.out / f"sigma{sigma:g}" / f"{name}.certify.tsv", sigma, args,
-                                 test_set, device, {"models": [str(stem) for stem, _ in trained]})
+                                 test_set, device, {"models": [str(stem) for stem, _, _ in trained]})
             res = load_results(path)
             acc = certified_accuracy(res.radius, res.correct, (0.0, *RADII))
             rows.append([f"{sigma:g}", method.label, f"{average_certified_radius(res.radius, res.correct):.3f}"]
-                        + [f"{100 * a:.1f}" for a in acc] + [f"{sum(s for _, s in trained):.0f}"])
+                        + [f"{100 * a:.1f}" for a in acc] + [f"{sum(s for _, s, _ in trained):.0f}"]
+                        + [f"{per_epoch / gaussian_epoch:.1f}" if gaussian_epoch else "-"])
             text = table(rows, args)
             (args.out / "table.md").write_text(text)
             print(text, flush=True)

@@ -12,7 +12,8 @@ import scipy.stats
 import torch
 from torch import nn
 
-from smoothcert.training.objectives import (OBJECTIVES, Consistency, GaussianAugmentation, GeneralizedConsistency, Macer, SmoothAdv, make_objective, standard_noise)
+from smoothcert.training.objectives import (OBJECTIVES, Consistency, GaussianAugmentation, GeneralizedConsistency,
+                                           Macer, SmoothAdv, make_objective, standard_noise)
 
 SIGMA = 0.3
 B, K, D = 6, 3, 5
@@ -96,37 +97,54 @@ def test_consistency_matches_eq_3_5():
     assert_same(model, loss, torch.stack(terms).mean())
 
 
-def test_generalized_consistency_matches_eq_4_1_and_4_3():
+@pytest.mark.parametrize("gate", ["logits", "softmax"])
+def test_generalized_consistency_matches_eq_4_1_and_4_3(gate):
+    """CE of the averaged logits (eq. 4.3), the KL term gated on the prediction (eq. 4.3's argmax of the averaged
+    logits, or eq. 4.2's of the averaged softmax), the entropy term for every input (eq. 4.1)."""
     model, (x, _) = tiny_model(), batch()
     w = noise(4)
-    # labels: the mean prediction for half the inputs (consistency applies), another class for the rest
-    p_hats = [torch.stack(naive_probs(model, x, None, w, i)[0]).mean(0) for i in range(B)]
-    y = torch.tensor([int(p.argmax()) if i % 2 == 0 else (int(p.argmax()) + 1) % K for i, p in enumerate(p_hats)])
-    loss, scores = GeneralizedConsistency(m=4, lbd=10.0, eta=0.5).loss(model, x, y, SIGMA, noise=w)
+
+    def vote(i):
+        probs, logits = naive_probs(model, x, None, w, i)
+        return torch.stack(logits).mean(0) if gate == "logits" else torch.stack(probs).mean(0)
+    # labels: the gate's prediction for half the inputs (the KL term applies), another class for the rest
+    y = torch.tensor([int(vote(i).argmax()) if i % 2 == 0 else (int(vote(i).argmax()) + 1) % K for i in range(B)])
+    loss, scores = GeneralizedConsistency(m=4, lbd=10.0, eta=0.5, gate=gate).loss(model, x, y, SIGMA, noise=w)
     terms = []
     for i in range(B):
         probs, logits = naive_probs(model, x, y, w, i)
         mean_logits = torch.stack(logits).mean(0)
         accuracy = -torch.log(softmax(mean_logits)[y[i]])            # eq. 4.3: softmax of averaged logits
-        reg, p_hat = naive_consistency_terms(probs, 10.0, 0.5)
-        terms.append(accuracy + (reg if int(p_hat.argmax()) == int(y[i]) else 0.0))   # eq. 4.1
+        kl, _ = naive_consistency_terms(probs, 1.0, 0.0)
+        entropy, _ = naive_consistency_terms(probs, 0.0, 1.0)
+        gated = int(vote(i).argmax()) == int(y[i])
+        terms.append(accuracy + (10.0 * kl if gated else 0.0) + 0.5 * entropy)   # eq. 4.1
         assert torch.allclose(scores[i], mean_logits)
     assert_same(model, loss, torch.stack(terms).mean())
 
 
-def test_generalized_consistency_ignores_misclassified_inputs():
-    """Where the mean prediction is wrong, only the accuracy term acts: lbd and eta change nothing."""
+def test_generalized_consistency_gates_only_the_kl_term():
+    """Where the averaged logits predict a wrong class the KL weight changes nothing, the entropy weight does."""
     model, (x, _) = tiny_model(), batch()
     w = noise(2)
-    p_hat = torch.stack([torch.stack(naive_probs(model, x, None, w, i)[0]).mean(0) for i in range(B)])
-    wrong = (p_hat.argmax(1) + 1) % K
-    a, _ = GeneralizedConsistency(m=2, lbd=0.0, eta=0.0).loss(model, x, wrong, SIGMA, noise=w)
-    b, _ = GeneralizedConsistency(m=2, lbd=20.0, eta=5.0).loss(model, x, wrong, SIGMA, noise=w)
-    assert torch.allclose(a, b)
-    right = p_hat.argmax(1)
-    c, _ = GeneralizedConsistency(m=2, lbd=20.0, eta=5.0).loss(model, x, right, SIGMA, noise=w)
-    d, _ = GeneralizedConsistency(m=2, lbd=0.0, eta=0.0).loss(model, x, right, SIGMA, noise=w)
-    assert float(c.detach()) > float(d.detach())
+    mean_logits = torch.stack([torch.stack(naive_probs(model, x, None, w, i)[1]).mean(0) for i in range(B)])
+    wrong, right = (mean_logits.argmax(1) + 1) % K, mean_logits.argmax(1)
+
+    def loss(y, lbd, eta):
+        return GeneralizedConsistency(m=2, lbd=lbd, eta=eta).loss(model, x, y, SIGMA, noise=w)[0].detach()
+    assert torch.allclose(loss(wrong, 0.0, 0.5), loss(wrong, 20.0, 0.5))
+    assert float(loss(wrong, 0.0, 5.0)) > float(loss(wrong, 0.0, 0.0))
+    assert float(loss(right, 20.0, 0.0)) > float(loss(right, 0.0, 0.0))
+
+
+def test_the_two_gates_disagree_on_synthetic_logits():
+    """The argmax of the averaged logits and of the averaged softmax differ on some inputs (so the gate matters)."""
+    g = torch.Generator().manual_seed(3)
+    logits = 3.0 * torch.randn((2000, 4, K), generator=g)
+    by_logits = logits.mean(1).argmax(1)
+    by_softmax = torch.softmax(logits, -1).mean(1).argmax(1)
+    share = float((by_logits != by_softmax).double().mean())
+    assert 0.01 < share < 0.5
 
 
 def test_erfinv_ppf_is_the_normal_quantile():
@@ -197,6 +215,18 @@ def test_macer_deferred_hinge():
     assert not torch.allclose(plain.loss(model, x, y, SIGMA, noise=w)[0], full.loss(model, x, y, SIGMA, noise=w)[0])
 
 
+class Recorder(nn.Module):
+    """A linear model that records whether each forward pass ran in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.modes = nn.Linear(D, K).double(), []
+
+    def forward(self, z):
+        self.modes.append(self.training)
+        return self.lin(z)
+
+
 def naive_pgd(model, x, y, w, sigma, epsilon, steps):
     out = []
     for i in range(x.shape[0]):
@@ -247,15 +277,6 @@ def test_smoothadv_warmup_and_eval_mode():
         objective.start_epoch(epoch)
         seen.append(objective.current_epsilon)
     assert seen == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-
-    class Recorder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.modes = nn.Linear(D, K).double(), []
-
-        def forward(self, z):
-            self.modes.append(self.training)
-            return self.lin(z)
 
     model = Recorder().train()
     x, y = batch()

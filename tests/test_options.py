@@ -35,7 +35,8 @@ NEW_OPTIONS = {"--ancer-constraint": "elementwise", "--compare-base": 0, "--top-
                "--sampling": "float", "--noise": "gaussian",
                "--shift-sigma": 2.0, "--max-shift": 8, "--translation-mode": "smooth",
                "--angle-sigma": 10.0, "--max-angle": 10.0, "--angle-cells": 10, "--beta-step": 0.05,
-               "--angle-tail": 4.0}
+               "--angle-tail": 4.0,
+               "--rancer-scales": "isotropic", "--rancer-eigen-map": "curvature"}
 OPTIONS = {**OLD_OPTIONS, **NEW_OPTIONS}
 
 
@@ -121,6 +122,23 @@ def test_train_options_map_onto_the_objectives_settings():
     base = ["--dataset", "toy-curved", "--sigma", "0.25", "--out", "x"]
     macer = objective_from_args(parser.parse_args(base + ["--objective", "macer", "--num-noise", "4", "--lbd", "3"]))
     assert macer.config() == {"objective": "macer", "k": 4, "lbd": 3.0, "gamma": 8.0, "beta": 16.0, "warmup": 0}
+    macer = objective_from_args(parser.parse_args(base + ["--objective", "macer", "--macer-threshold", "0.99"]))
+    assert macer.settings.threshold == 0.99 and macer.config()["threshold"] == 0.99
+    for bad in ("0.5", "1", "1.2"):
+        with pytest.raises(ValueError, match=r"^threshold \(--macer-threshold\) must be"):
+            objective_from_args(parser.parse_args(base + ["--objective", "macer", "--macer-threshold", bad]))
+    gen = objective_from_args(parser.parse_args(base + ["--objective", "generalized-consistency"]))
+    assert gen.settings.gate == "logits"
+    gen = objective_from_args(parser.parse_args(base + ["--objective", "generalized-consistency",
+                                                        "--consistency-gate", "softmax"]))
+    assert gen.settings.gate == "softmax"
+    mix = objective_from_args(parser.parse_args(base + ["--objective", "smoothmix", "--pgd-steps", "2", "--eta", "1",
+                                                        "--smoothmix-step-size", "0.5"]))
+    assert mix.config() == {"objective": "smoothmix", "m": 4, "steps": 2, "step_size": 0.5, "eta": 1.0, "warmup": 10}
+    cat = objective_from_args(parser.parse_args(base + ["--objective", "cat-rs", "--lbd", "0.5", "--epsilon", "0.5"]))
+    assert cat.config() == {"objective": "cat-rs", "m": 4, "epsilon": 0.5, "steps": 4, "lbd": 0.5}
+    with pytest.raises(ValueError, match="takes no hyperparameter"):
+        objective_from_args(parser.parse_args(base + ["--objective", "cat-rs", "--macer-threshold", "0.9"]))
     adv = objective_from_args(parser.parse_args(base + ["--objective", "smoothadv", "--pgd-steps", "3"]))
     assert adv.settings.steps == 3 and adv.num_noise == 4
     gauss = objective_from_args(parser.parse_args(base + ["--num-noise", "3"]))

@@ -129,10 +129,14 @@ def test_checkpoint_holds_the_trained_model(tmp_path):
     assert config["training"]["history"][0]["loss"] == pytest.approx(history[0]["loss"])
 
 
-@pytest.mark.parametrize("objective", ["gaussian", "consistency", "generalized-consistency", "macer", "smoothadv"])
+SMALL = {"macer": {"k": 4, "threshold": 0.99}, "smoothadv": {"epsilon": 0.25, "steps": 2, "m": 2, "warmup": 1},
+         "smoothmix": {"m": 2, "steps": 2, "warmup": 1}, "cat-rs": {"m": 2, "steps": 2, "epsilon": 0.5}}
+
+
+@pytest.mark.parametrize("objective", ["gaussian", "consistency", "generalized-consistency", "macer", "smoothadv",
+                                       "smoothmix", "cat-rs"])
 def test_every_objective_trains(objective):
-    kw = {"k": 4} if objective == "macer" else {"epsilon": 0.25, "steps": 2, "m": 2, "warmup": 1} \
-        if objective == "smoothadv" else {}
+    kw = SMALL.get(objective, {})
     before = small_model()
     model, history = run(None, objective, 1, objective=make_objective(objective, **kw))
     assert np.isfinite(history[0]["loss"]) and 0 <= history[0]["train_acc"] <= 1
@@ -330,7 +334,7 @@ def test_command_line_training_with_pca_and_resume(tmp_path, capsys):
     model, config = load_checkpoint(out)
     assert config["wrappers"][0]["kind"] == "pca" and config["pca"]["fraction"] == 0.2
     assert config["training"]["objective_config"] == {"objective": "generalized-consistency", "m": 2,
-                                                      "lbd": 5.0, "eta": 0.5}
+                                                      "lbd": 5.0, "eta": 0.5, "gate": "logits"}
     argv[argv.index("--epochs") + 1] = "2"
     assert run_train(parse(argv + ["--resume"])) == 0
     _, config = load_checkpoint(out)

@@ -8,6 +8,33 @@ theta_iso (1 + lambda_2)]`` after every step (eq. 4.8; default ``lambda_1 = lamb
 window ``[0.5, 1.5] x theta_iso``). The certificate is the rotated ellipsoid ``{||diag(1/theta) U^T delta||_2
 <= gap}`` (eq. 4.4) on fresh samples, then memory.
 
+``--rancer-scales`` (seed 000 section 4.3) chooses where the scales come from:
+
+- ``isotropic`` (section 4.3.1, the default and the thesis' main algorithm): as above.
+- ``eigen-init`` (section 4.3.2): the Hessian's eigenvalues, mapped to scales, start the optimization; the
+  isotropic DDS stage is skipped, and the clipping window is centred on ``sigma_0`` (the run's ``--sigma``,
+  Algorithm 2's ``sigma_0``) instead of ``theta_iso``.
+- ``eigen-final`` (section 4.3.3): the mapped eigenvalues, clipped to the same window, are the final scales; no
+  DDS stage and no optimization.
+
+The thesis does not print the map from eigenvalues to scales; the two readings of its text are options
+(``--rancer-eigen-map``):
+
+- ``curvature`` (default): ``theta_i = sigma_0 sqrt(mean_j |lambda_j| / |lambda_i|)``. Section 4.2 reads the
+  eigenvalues as the curvature profile (small ``|lambda|`` = flat = a safe direction in which to expand the
+  noise). By the quadratic model of the loss (eq. 4.6), noise ``U diag(theta) w`` raises the expected loss by
+  ``1/2 sum_i |lambda_i| theta_i^2`` (in absolute curvature); maximizing the volume ``sum_i log theta_i`` (ANCER's
+  objective, eq. 3.14) at the curvature cost of isotropic noise at ``sigma_0`` (``1/2 sigma_0^2 sum_i
+  |lambda_i|``) gives, by a Lagrange multiplier, ``|lambda_i| theta_i^2`` equal for every ``i``, which is the map
+  above. A zero eigenvalue (flat direction; for ReLU networks all but ``K - 1`` of them) gives the window's upper
+  end, a Hessian that is zero everywhere gives ``sigma_0``.
+- ``direct``: ``theta_i = |lambda_i|`` ("using eigenvalues directly", section 4.3.3), then the window.
+
+Either way ``theta`` is clipped to ``[sigma_0 (1 - lambda_1), sigma_0 (1 + lambda_2)]`` (eq. 4.8; section 4.4's
+post-processing against over-smoothing) before and during the optimization, so the noise is a valid rotated
+Gaussian and the certificate, the memory and its soundness are those of the isotropic-start RANCER: the scales
+depend only on the input and the model, the certification samples are fresh.
+
 An input whose Hessian is not finite keeps the identity basis (ANCER's axis-aligned noise, within the same
 clipping window) and its row says ``basis = axis``.
 
@@ -39,7 +66,31 @@ from smoothcert.methods.optimize import CLAMP, fallback_reason
 from smoothcert.methods.datadependent import Choice, norm_setting
 from smoothcert.settings import choice, integer, number
 
-__all__ = ["RANCER", "RANCERBest", "RANCERSettings", "RANCERBestSettings"]
+__all__ = ["RANCER", "RANCERBest", "RANCERSettings", "RANCERBestSettings", "SCALES", "EIGEN_MAPS", "eigen_scales"]
+
+#: Where RANCER's scales come from (seed 000 sections 4.3.1-4.3.3).
+SCALES = ("isotropic", "eigen-init", "eigen-final")
+#: Maps from the Hessian's eigenvalues to scales (see the module docstring).
+EIGEN_MAPS = ("curvature", "direct")
+
+
+def eigen_scales(eigenvalues: torch.Tensor, sigma: float, lower: float, upper: float,
+                 mapping: str = "curvature") -> torch.Tensor:
+    """Scales (B, d) float64 from Hessian eigenvalues (B, d), clipped to ``[lower, upper]`` (seed 000 eq. 4.8).
+
+    ``curvature``: ``sigma sqrt(mean_j |lambda_j| / |lambda_i|)`` (``upper`` where ``lambda_i = 0``, ``sigma``
+    where every eigenvalue is 0); ``direct``: ``|lambda_i|``. See the module docstring for the derivation.
+    """
+    if mapping not in EIGEN_MAPS:
+        raise ValueError(f"the eigenvalue map must be one of {', '.join(EIGEN_MAPS)}, got {mapping!r}")
+    size = eigenvalues.abs().to(torch.float64)
+    if mapping == "direct":
+        theta = size
+    else:
+        mean = size.mean(dim=1, keepdim=True)
+        ratio = torch.where(size > 0, mean / torch.where(size > 0, size, 1.0), torch.inf)
+        theta = torch.where(mean > 0, sigma * ratio.sqrt(), torch.full_like(size, sigma))
+    return theta.clamp(min=lower, max=upper)
 
 
 @dataclass(frozen=True)
@@ -52,6 +103,13 @@ class RANCERSettings(ANCERSettings):
     rancer_lambda2: float = number(0.5, low=0.0, help="theta <= theta_iso (1 + lambda2) during optimization")
     hessian: str = choice("auto", HESSIAN_METHODS, help="Hessian form: auto (Jacobian form for piecewise-linear "
                                                         "networks), jacobian, double")
+    rancer_scales: str = choice("isotropic", SCALES, help="RANCER's scales: isotropic = DDS start (seed 000 4.3.1); "
+                                                          "eigen-init = mapped Hessian eigenvalues start the "
+                                                          "optimization (4.3.2); eigen-final = they are the scales, "
+                                                          "no optimization (4.3.3)")
+    rancer_eigen_map: str = choice("curvature", EIGEN_MAPS, help="eigenvalue-to-scale map of the eigen variants: "
+                                                                 "curvature = sigma sqrt(mean|lambda| / |lambda_i|); "
+                                                                 "direct = |lambda_i|; then the clipping window")
 
 
 @dataclass(frozen=True)
@@ -67,32 +125,43 @@ class RANCER(ANCER):
     name = "rancer"
     columns = ANCER.columns + ("basis",)
     settings_type = RANCERSettings
-    keywords = {**ANCER.keywords, "lambda1": "rancer_lambda1", "lambda2": "rancer_lambda2"}
+    keywords = {**ANCER.keywords, "lambda1": "rancer_lambda1", "lambda2": "rancer_lambda2",
+                "scales": "rancer_scales", "eigen_map": "rancer_eigen_map"}
 
     def optimize_rotated(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int], iso
                          ) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """(RANCER result, basis (B, d, d) float64, finite-Hessian mask) given the DDS result ``iso``."""
+        """(RANCER result, basis (B, d, d) float64, finite-Hessian mask) given the DDS result ``iso`` (or, for the
+        eigen variants, ``None``: the start and the window come from the eigenvalues and ``sigma_0``)."""
         s = self.settings
-        basis, _, finite, _ = hessian_basis(ctx.model, x, s.hessian)
-        scale = iso.params
+        basis, eigenvalues, finite, _ = hessian_basis(ctx.model, x, s.hessian)
+        if iso is None:
+            lower, upper = self.sigma * (1 - s.rancer_lambda1), self.sigma * (1 + s.rancer_lambda2)
+            scale = eigen_scales(eigenvalues, self.sigma, lower, upper, s.rancer_eigen_map).float()
+            classes = None
+        else:
+            scale = iso.params
+            lower, upper, classes = scale * (1 - s.rancer_lambda1), scale * (1 + s.rancer_lambda2), iso.classes
+        steps = 0 if s.rancer_scales == "eigen-final" else s.ancer_steps
         result = optimize_ancer(ctx.model, x, scale, generators=ctx.generators(indices, "optimize-rancer"),
-                                lower=scale * (1 - s.rancer_lambda1), upper=scale * (1 + s.rancer_lambda2),
-                                basis=basis, steps=s.ancer_steps, lr=s.ancer_lr, samples=s.opt_samples,
-                                kappa=s.kappa, gap=s.opt_gap, constraint=s.ancer_constraint, classes=iso.classes,
-                                max_batch=self.opt_batch(ctx, x))
+                                lower=lower, upper=upper, basis=basis, steps=steps, lr=s.ancer_lr,
+                                samples=s.opt_samples, kappa=s.kappa, gap=s.opt_gap, constraint=s.ancer_constraint,
+                                classes=classes, max_batch=self.opt_batch(ctx, x))
         return result, basis, finite
 
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
-        iso = self.dds_stage(ctx, x, indices)
+        iso = self.dds_stage(ctx, x, indices) if self.settings.rancer_scales == "isotropic" else None
         result, basis, finite_basis = self.optimize_rotated(ctx, x, indices, iso)
+        stages = (result,) if iso is None else (iso, result)
         choices = []
         for i in range(x.shape[0]):
-            if fallback_reason(i, iso, result):
-                choices.append(Choice(self.base_noise(), {"basis": "none"}, fallback_reason(i, iso, result)))
+            if fallback_reason(i, *stages):
+                choices.append(Choice(self.base_noise(), {"basis": "none"}, fallback_reason(i, *stages)))
                 continue
             noise = RotatedGaussian(basis[i], result.params[i].double())
-            choices.append(Choice(noise, {"scale_iso": float(iso.params[i]),
-                                          "basis": "hessian" if bool(finite_basis[i]) else "axis"}))
+            extra = {"basis": "hessian" if bool(finite_basis[i]) else "axis"}
+            if iso is not None:
+                extra["scale_iso"] = float(iso.params[i])
+            choices.append(Choice(noise, extra))
         return choices
 
 
@@ -116,7 +185,8 @@ class RANCERBest(RANCER):
 
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
         iso, axis = self.optimize(ctx, x, indices)
-        rotated, basis, finite_basis = self.optimize_rotated(ctx, x, indices, iso)
+        start = iso if self.settings.rancer_scales == "isotropic" else None  # the RANCER candidate's scales
+        rotated, basis, finite_basis = self.optimize_rotated(ctx, x, indices, start)
         ok = (iso.finite & axis.finite & rotated.finite).tolist()
         ancer = [DiagonalGaussian(axis.params[i].reshape(x.shape[1:]).double()) if ok[i] else self.base_noise()
                  for i in range(x.shape[0])]

@@ -15,9 +15,12 @@ Objectives (seed 002 chapter 3-4, seed 001 "adversarial training for smoothed cl
 - ``gaussian``: Gaussian augmentation (Cohen et al.).
 - ``consistency``: consistency regularization (Jeong and Shin; seed 002 eq. 3.5).
 - ``generalized-consistency``: the loose accuracy term on averaged logits (seed 002 eq. 4.3) and the
-  consistency term restricted to correctly classified inputs (seed 002 eq. 4.1).
-- ``macer``: MACER (Zhai et al.; seed 002 eq. 3.3 with the hinge on the certified radius).
+  consistency term restricted to inputs that the averaged logits classify correctly (seed 002 eq. 4.1).
+- ``macer``: MACER (Zhai et al.; seed 002 eq. 3.3 with the hinge on the certified radius), optionally with the
+  gradient threshold of seed 002 section 3.2 (eq. 3.4).
 - ``smoothadv``: SmoothAdv (Salman et al.; seed 001), PGD against the soft smoothed classifier.
+- ``smoothmix`` and ``cat-rs``: SmoothMix (Jeong et al., NeurIPS 2021) and CAT-RS (Jeong et al., NeurIPS 2023),
+  in :mod:`smoothcert.training.mixing_objectives`.
 
 :func:`make_objective` builds one by name; unknown names and bad hyperparameters raise ``ValueError``. Each
 objective's hyperparameters are a settings dataclass (:mod:`smoothcert.settings`): ``Objective(settings)`` or
@@ -26,66 +29,68 @@ objective's hyperparameters are a settings dataclass (:mod:`smoothcert.settings`
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoothcert.settings import Settings, integer, number
+from smoothcert.settings import Settings, choice, integer, number
+from smoothcert.training.objective_base import Objective, copies_setting, noisy_logits, standard_noise
+from smoothcert.training.mixing_objectives import CATRS, SmoothMix
 
 __all__ = [
     "Objective", "GaussianAugmentation", "Consistency", "GeneralizedConsistency", "Macer", "SmoothAdv",
-    "OBJECTIVES", "make_objective", "standard_noise", "GaussianSettings", "ConsistencySettings", "MacerSettings",
-    "SmoothAdvSettings",
+    "SmoothMix", "CATRS", "OBJECTIVES", "make_objective", "standard_noise", "GaussianSettings",
+    "ConsistencySettings", "GeneralizedConsistencySettings", "MacerSettings", "SmoothAdvSettings", "GATES",
 ]
-
-
-def standard_noise(x: torch.Tensor, m: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``m`` standard-normal draws per input: ``(B, m, *shape)`` on ``x``'s device, float32."""
-    return torch.randn((x.shape[0], m, *x.shape[1:]), generator=generator, device=x.device, dtype=torch.float32)
-
-
-def _noisy_logits(model: nn.Module, x: torch.Tensor, w: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Logits of ``f(x_i + sigma w_ij)`` as ``(B, m, K)``: one forward pass over all ``B * m`` noisy copies."""
-    b, m = w.shape[:2]
-    noisy = (x.unsqueeze(1) + sigma * w.to(x.dtype)).reshape(b * m, *x.shape[1:])
-    logits = model(noisy)
-    return logits.view(b, m, -1)
-
-
-def _copies(default: int) -> Any:
-    """Noisy copies per input (``m``, MACER's ``k``): one ``--num-noise`` option for every objective."""
-    return integer(default, low=1, help="noisy copies per input", flag="--num-noise")
 
 
 @dataclass(frozen=True)
 class GaussianSettings(Settings):
     """Gaussian augmentation: noisy copies per input."""
 
-    m: int = _copies(1)
+    m: int = copies_setting(1)
 
 
 @dataclass(frozen=True)
 class ConsistencySettings(Settings):
     """Consistency regularization (and its generalized form): copies, KL weight, entropy weight."""
 
-    m: int = _copies(2)
+    m: int = copies_setting(2)
     lbd: float = number(10.0, low=0.0, help="weight of the KL consistency term")
     eta: float = number(0.5, low=0.0, help="weight of the entropy of the mean prediction")
 
 
+#: What gates generalized consistency's KL term: the argmax of the averaged logits (seed 002 eq. 4.3, the
+#: dissertation's reading) or of the averaged softmax (eq. 4.2, Jeong and Shin's prediction).
+GATES = ("logits", "softmax")
+
+
+@dataclass(frozen=True)
+class GeneralizedConsistencySettings(ConsistencySettings):
+    """Generalized consistency: consistency's settings and the prediction that gates the KL term."""
+
+    gate: str = choice("logits", GATES, help="the prediction whose correctness gates the KL term: logits = argmax "
+                                             "of the averaged logits (seed 002 eq. 4.3); softmax = of the averaged "
+                                             "softmax (eq. 4.2)", flag="--consistency-gate")
+
+
 @dataclass(frozen=True)
 class MacerSettings(Settings):
-    """MACER: copies, hinge weight and threshold, inverse temperature, epochs before the hinge."""
+    """MACER: copies, hinge weight and threshold, inverse temperature, epochs before the hinge, and the optional
+    gradient threshold on the soft probabilities (seed 002 section 3.2)."""
 
-    k: int = _copies(16)
+    k: int = copies_setting(16)
     lbd: float = number(12.0, low=0.0, help="weight of the radius hinge")
     gamma: float = number(8.0, low=0.0, help="hinge threshold on Phi^-1(p_A) - Phi^-1(p_B)")
     beta: float = number(16.0, low=0.0, low_open=True, help="inverse temperature")
     warmup: int = integer(0, low=0, help="epochs before the radius hinge joins")
+    threshold: float | None = number(None, low=0.5, high=1.0, low_open=True, high_open=True, optional=True,
+                                     help="clamp p_A to at most this and p_B to at least 1 - this before Phi^-1 "
+                                          "(seed 002 eq. 3.4: the dissertation uses 0.99); default none",
+                                     flag="--macer-threshold")
 
 
 @dataclass(frozen=True)
@@ -94,62 +99,8 @@ class SmoothAdvSettings(Settings):
 
     epsilon: float = number(1.0, low=0.0, help="l2 attack radius in input units (0.5 suits MNIST)")
     steps: int = integer(10, low=1, help="PGD steps", flag="--pgd-steps")
-    m: int = _copies(4)
+    m: int = copies_setting(4)
     warmup: int = integer(10, low=1, help="epochs of linear epsilon warm-up")
-
-
-class Objective(ABC):
-    """A training objective: ``loss(model, x, y, sigma) -> (loss, scores)``.
-
-    ``loss`` is a scalar to minimize (mean over the batch); ``scores`` is ``(B, K)``, one row per clean input,
-    whose argmax is the objective's prediction (for the training accuracy). ``config()`` gives the name and
-    hyperparameters (saved with every checkpoint); :meth:`start_epoch` lets an objective follow the epoch
-    (SmoothAdv's epsilon warm-up).
-    """
-
-    name: ClassVar[str]
-    settings_type: ClassVar[type[Settings]]
-
-    def __init__(self, settings: Settings | None = None, /, **hyperparameters: Any):
-        """From the objective's settings, or from its hyperparameters by name (defaults for those not given)."""
-        if settings is None:
-            settings = self.settings_type(**hyperparameters)
-        elif hyperparameters or type(settings) is not self.settings_type:
-            raise TypeError(f"{type(self).__name__} is built from {self.settings_type.__name__} or from keywords")
-        self.settings = settings
-
-    @property
-    def num_noise(self) -> int:
-        """Standard-normal draws per input that :meth:`loss` consumes (the second dimension of ``noise``)."""
-        return self.settings.m
-
-    @abstractmethod
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, *,
-             generator: torch.Generator | None = None,
-             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss on ``x + sigma * w``; ``noise`` (``(B, num_noise, *shape)`` standard normal) overrides the
-        draws from ``generator``."""
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return self.settings.to_dict()
-
-    def config(self) -> dict[str, Any]:
-        return {"objective": self.name, **self.hyperparameters()}
-
-    def start_epoch(self, epoch: int) -> None:
-        """Called by the training loop before epoch ``epoch`` (0-based)."""
-
-    def _noise(self, x: torch.Tensor, generator, noise) -> torch.Tensor:
-        if noise is None:
-            return standard_noise(x, self.num_noise, generator)
-        expected = (x.shape[0], self.num_noise, *x.shape[1:])
-        if tuple(noise.shape) != expected:
-            raise ValueError(f"noise must have shape {expected} (B, num_noise, *input_shape), got {tuple(noise.shape)}")
-        return noise.to(device=x.device, dtype=torch.float32)
-
-    def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
-        return f"{type(self).__name__}({params})"
 
 
 class GaussianAugmentation(Objective):
@@ -163,14 +114,14 @@ class GaussianAugmentation(Objective):
 
     def loss(self, model, x, y, sigma, *, generator=None, noise=None):
         w = self._noise(x, generator, noise)
-        logits = _noisy_logits(model, x, w, sigma)
+        logits = noisy_logits(model, x, w, sigma)
         b, m, k = logits.shape
         loss = F.cross_entropy(logits.reshape(b * m, k), y.repeat_interleave(m))
         return loss, logits[:, 0].detach()
 
 
-def _consistency_terms(logits: torch.Tensor, lbd: float, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per input: ``lbd * mean_i KL(p_hat || p_i) + eta * H(p_hat)`` and ``p_hat = mean_i softmax(logits_i)``.
+def _kl_and_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per input: ``mean_i KL(p_hat || p_i)``, ``H(p_hat)`` and ``p_hat = mean_i softmax(logits_i)``.
 
     ``KL(p_hat || p_i) = sum_c p_hat_c (log p_hat_c - log p_i,c)`` (seed 002 eq. 3.5); ``p_hat`` keeps its
     gradient, as in Jeong and Shin's code.
@@ -180,6 +131,12 @@ def _consistency_terms(logits: torch.Tensor, lbd: float, eta: float) -> tuple[to
     log_p_hat = torch.log(p_hat.clamp_min(1e-20))
     kl = (p_hat.unsqueeze(1) * (log_p_hat.unsqueeze(1) - log_p)).sum(dim=-1).mean(dim=1)
     entropy = -(p_hat * log_p_hat).sum(dim=-1)
+    return kl, entropy, p_hat
+
+
+def _consistency_terms(logits: torch.Tensor, lbd: float, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input: ``lbd * mean_i KL(p_hat || p_i) + eta * H(p_hat)`` and ``p_hat`` (seed 002 eq. 3.5)."""
+    kl, entropy, p_hat = _kl_and_entropy(logits)
     return lbd * kl + eta * entropy, p_hat
 
 
@@ -196,7 +153,7 @@ class Consistency(Objective):
 
     def loss(self, model, x, y, sigma, *, generator=None, noise=None):
         w = self._noise(x, generator, noise)
-        logits = _noisy_logits(model, x, w, sigma)
+        logits = noisy_logits(model, x, w, sigma)
         b, m, k = logits.shape
         ce = F.cross_entropy(logits.reshape(b * m, k), y.repeat_interleave(m), reduction="none").view(b, m).mean(1)
         reg, p_hat = _consistency_terms(logits, self.settings.lbd, self.settings.eta)
@@ -204,31 +161,38 @@ class Consistency(Objective):
 
 
 class GeneralizedConsistency(Consistency):
-    """Generalized consistency (seed 002 section 4.1): a loose accuracy term and a restricted consistency term.
+    """Generalized consistency (seed 002 section 4.1, eq. 4.1-4.3): a loose accuracy term and a restricted KL term.
 
     - Accuracy (eq. 4.3): the prediction is ``F(E[f(x + sigma w)])``, softmax of the *averaged logits*, so the
       loss is ``CE(1/m sum_i f(x + sigma w_i), y)``: a noisy copy may weigh more than 1 in the vote, unlike the
       average of softmax probabilities (eq. 4.2).
-    - Consistency (eq. 4.1): ``1[argmax p_hat = y] * (lbd * 1/m sum_i KL(p_hat || p_i) + eta * H(p_hat))`` with
-      ``p_hat = 1/m sum_i softmax(f(x + sigma w_i))`` as in eq. 3.5: only inputs whose mean prediction is the
-      correct class ``c = y`` are pushed to a constant prediction; misclassified inputs are left free to become
-      correct. The indicator covers the entropy term too (eq. 4.1 puts both inside the restricted expectation);
-      the term is averaged over the whole batch (the indicator is inside the expectation).
+    - Consistency (eq. 4.1): ``lbd * 1[argmax g(x) = y] * 1/m sum_i KL(p_hat || p_i) + eta * H(p_hat)`` with
+      ``p_hat = 1/m sum_i softmax(f(x + sigma w_i))`` as in eq. 3.5. The indicator sits on the KL term only:
+      eq. 4.1 writes it as the subscript of ``F(x + eps)`` inside the KL, and the entropy term ``eta H(p_hat)``
+      stands outside it, for every input. ``g(x)`` is the prediction of eq. 4.3, the argmax of the *averaged
+      logits*: section 4.1 introduces eq. 4.3 to loosen the accuracy condition, so that more inputs that are
+      "promising to be correctly classified" join the consistency term (``gate="logits"``, the default).
+      ``gate="softmax"`` gates on the argmax of ``p_hat`` instead (eq. 4.2, Jeong and Shin's prediction).
+      Only inputs classified correctly are pushed to a constant prediction; misclassified ones are left free to
+      become correct. The term is averaged over the whole batch (the indicator is inside the expectation).
 
     Defaults as :class:`Consistency` (``m = 2``, ``lbd = 10``, ``eta = 0.5``); seed 002 trains with m = 4.
     Scores: the averaged logits (eq. 4.3).
     """
 
     name = "generalized-consistency"
+    settings_type = GeneralizedConsistencySettings
 
     def loss(self, model, x, y, sigma, *, generator=None, noise=None):
         w = self._noise(x, generator, noise)
-        logits = _noisy_logits(model, x, w, sigma)
+        logits = noisy_logits(model, x, w, sigma)
         mean_logits = logits.mean(dim=1)
         accuracy = F.cross_entropy(mean_logits, y, reduction="none")
-        reg, p_hat = _consistency_terms(logits, self.settings.lbd, self.settings.eta)
-        correct = (p_hat.detach().argmax(dim=1) == y).to(reg.dtype)
-        return (accuracy + correct * reg).mean(), mean_logits.detach()
+        kl, entropy, p_hat = _kl_and_entropy(logits)
+        vote = mean_logits if self.settings.gate == "logits" else p_hat
+        correct = (vote.detach().argmax(dim=1) == y).to(kl.dtype)
+        s = self.settings
+        return (accuracy + correct * s.lbd * kl + s.eta * entropy).mean(), mean_logits.detach()
 
 
 def _normal_ppf(p: torch.Tensor) -> torch.Tensor:
@@ -252,6 +216,14 @@ class Macer(Objective):
     ``warmup`` epochs (default 0) train with ``lbd = 0`` first (the "deferred" option of public MACER code):
     the derivative of ``Phi^-1`` explodes near 0 and 1 (seed 002 eq. 3.4), and a network that starts from
     random weights is more stable when the hinge only joins once it classifies noisy inputs.
+
+    ``threshold`` ``t`` in (1/2, 1) (seed 002 section 3.2, figure 3.1; the dissertation uses 0.99): the gradient
+    of the robustness term is ``grad g / phi(Phi^-1(g))`` (eq. 3.4), unbounded as ``g -> 1``. With a threshold the
+    soft (softmax) probabilities enter ``Phi^-1`` as ``min(p_A, t)`` and ``max(p_B, 1 - t)``: the gradient is zero
+    beyond the threshold and at most ``sqrt(2 pi) exp(Phi^-1(t)^2 / 2)`` times ``|grad p|`` below it (37.5 at
+    0.99). With the threshold no ``Phi^-1`` is infinite, so every correctly classified input with ``xi < gamma``
+    is in the hinge (``xi <= 2 Phi^-1(t)``, 4.65 at 0.99, below the default ``gamma = 8``); those at the
+    threshold add a constant.
     """
 
     name = "macer"
@@ -268,15 +240,25 @@ class Macer(Objective):
     def start_epoch(self, epoch: int) -> None:
         self.current_lbd = 0.0 if epoch < self.settings.warmup else self.settings.lbd
 
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings, without ``threshold`` when it is off (so configs saved before it existed still match)."""
+        values = super().hyperparameters()
+        if values.get("threshold") is None:
+            values.pop("threshold", None)
+        return values
+
     def loss(self, model, x, y, sigma, *, generator=None, noise=None):
         w = self._noise(x, generator, noise)
-        logits = _noisy_logits(model, x, w, sigma)
+        logits = noisy_logits(model, x, w, sigma)
         g = F.softmax(logits, dim=-1).mean(dim=1)
         log_g = torch.log(g + 1e-10)
         classification = F.nll_loss(log_g, y, reduction="sum")
         beta, gamma = self.settings.beta, self.settings.gamma
         g_beta = F.softmax(beta * logits, dim=-1).mean(dim=1)
         top2, index = g_beta.topk(2, dim=1)
+        if self.settings.threshold is not None:
+            t = self.settings.threshold
+            top2 = torch.stack([top2[:, 0].clamp(max=t), top2[:, 1].clamp(min=1 - t)], dim=1)
         with torch.no_grad():
             xi = _normal_ppf(top2[:, 0]) - _normal_ppf(top2[:, 1])
             active = (index[:, 0] == y) & torch.isfinite(xi) & (xi < gamma)
@@ -329,7 +311,7 @@ class SmoothAdv(Objective):
         try:
             for _ in range(steps):
                 delta.requires_grad_(True)
-                probs = F.softmax(_noisy_logits(model, x + delta, w, sigma), dim=-1).mean(dim=1)
+                probs = F.softmax(noisy_logits(model, x + delta, w, sigma), dim=-1).mean(dim=1)
                 loss = F.nll_loss(torch.log(probs.clamp_min(1e-20)), y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
@@ -350,7 +332,7 @@ class SmoothAdv(Objective):
     def loss(self, model, x, y, sigma, *, generator=None, noise=None):
         w = self._noise(x, generator, noise)
         x_adv = self.attack(model, x, y, sigma, w, self.current_epsilon, generator)
-        logits = _noisy_logits(model, x_adv, w, sigma)
+        logits = noisy_logits(model, x_adv, w, sigma)
         b, m, k = logits.shape
         loss = F.cross_entropy(logits.reshape(b * m, k), y.repeat_interleave(m))
         scores = torch.log(F.softmax(logits.detach(), dim=-1).mean(dim=1).clamp_min(1e-20))
@@ -358,7 +340,8 @@ class SmoothAdv(Objective):
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (GaussianAugmentation, Consistency, GeneralizedConsistency, Macer, SmoothAdv)
+    cls.name: cls for cls in (GaussianAugmentation, Consistency, GeneralizedConsistency, Macer, SmoothAdv, SmoothMix,
+                              CATRS)
 }
 
 
