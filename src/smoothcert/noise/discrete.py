@@ -253,6 +253,11 @@ class DiscretizedGaussian(Noise):
         return out
 
     # -- the certificate: Cohen's ------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        """The family's own scale, recorded in rows: the Gaussian's sigma (before rounding onto the grid)."""
+        return self.sigma
+
     def region(self, center, gap):
         return Ball(center, self.sigma * max(float(gap), 0.0))
 
