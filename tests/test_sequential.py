@@ -263,3 +263,24 @@ def test_target_mode_with_memory_certifies_regions_at_r_only():
                         case.label) | violations_of(reach, case.distance())
     assert_sound(bad, p)
     assert {rec.values()["decision"] for rec in records} <= {"certified", "futile", "undecided"}
+
+
+def test_sequential_modes_sample_the_model_in_eval_mode_and_restore_its_mode():
+    """A model left in train mode (dropout on) is certified as in eval mode, like fixed-n CERTIFY, and every
+    submodule's mode is restored afterwards."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.9), torch.nn.Linear(16, 2))
+    x = torch.randn(3, 4)
+    mode = Mode("target", radius=0.05, n_max=800)
+
+    def run():
+        gens = [(input_generator(0, i, "select"), input_generator(0, i, "estimate")) for i in range(3)]
+        return certify_sequential(net, x, IsotropicGaussian(0.3), 2, 20, mode, 0.01, batch_size=400, generators=gens)
+
+    net.eval()
+    expected = run()
+    net.train()
+    net[1].eval()  # a mixed state, to be restored exactly
+    got = run()
+    assert [m.training for m in net.modules()] == [True, True, False, True]
+    assert [(c.prediction, c.n_used, c.p_lower) for c in got] == [(c.prediction, c.n_used, c.p_lower) for c in expected]
