@@ -41,7 +41,8 @@ from smoothcert.validation import check_count, check_number, check_positive
 
 __all__ = ["check_distributed", "connect", "run_distributed", "IN_FLIGHT"]
 
-#: Batches queued per worker, so a worker never waits for the driver between batches.
+#: Batches queued per worker, so a worker never waits for the driver between batches; at most ``2 IN_FLIGHT
+#: workers`` batches are handed out ahead of the next one to write.
 IN_FLIGHT = 2
 #: Seconds to wait for a cluster's address to answer before giving up.
 CONNECT_TIMEOUT = 5.0
@@ -137,19 +138,25 @@ def run_distributed(results: ResultsFile, inputs: Callable, indices: Sequence[in
     bar = progress_reporter(len(indices), initial=len(done), enabled=progress, unit="input",
                             desc=str(results.config.get("command", "run")))
     pending: dict[Any, tuple[int, Any]] = {}
-    queue = iter(range(len(batches)))
+    arrived: dict[int, tuple[list[Any], float]] = {}
+    # Batches are handed out at most WINDOW ahead of the next one to write, so a slow worker never makes the others
+    # pile up results here (and the rows reach the file at a steady pace).
+    window = 2 * IN_FLIGHT * workers
+    next_batch, next_submit, idle = 0, 0, []
 
-    def submit(actor) -> None:
-        k = next(queue, None)
-        if k is not None:
-            pending[actor.propose.remote(batches[k])] = (k, actor)
+    def submit(actor) -> bool:
+        nonlocal next_submit
+        if next_submit >= len(batches) or next_submit >= next_batch + window:
+            return False
+        pending[actor.propose.remote(batches[next_submit])] = (next_submit, actor)
+        next_submit += 1
+        return True
 
     try:
         for actor in actors:
             for _ in range(IN_FLIGHT):
-                submit(actor)
-        arrived: dict[int, tuple[list[Any], float]] = {}
-        next_batch = 0
+                if not submit(actor):
+                    idle.append(actor)  # one free slot of this actor
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             k, actor = pending.pop(ref)
@@ -157,7 +164,8 @@ def run_distributed(results: ResultsFile, inputs: Callable, indices: Sequence[in
                 arrived[k] = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
                 raise (e.cause if isinstance(e.cause, Exception) else e) from None
-            submit(actor)
+            if not submit(actor):
+                idle.append(actor)
             while next_batch in arrived:
                 proposals, seconds = arrived.pop(next_batch)
                 batch = batches[next_batch]
@@ -166,6 +174,8 @@ def run_distributed(results: ResultsFile, inputs: Callable, indices: Sequence[in
                 results.append(batch_rows(records, batch, labels, seconds, own))
                 bar.update(len(batch))
                 next_batch += 1
+            while idle and submit(idle[0]):
+                idle.pop(0)
     finally:
         bar.close()
         for actor in actors:
