@@ -126,3 +126,23 @@ def test_model_output_is_checked():
 def test_bad_noise(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()
+
+
+def test_sample_counts_samples_in_eval_mode_for_every_caller_and_restores_the_modes():
+    """The engine itself puts the model in eval mode (so top-k, the sequential modes and every other caller get
+    the smoothed classifier of the eval-mode model), and each submodule's own mode comes back afterwards."""
+    from smoothcert.noise.gaussian import IsotropicGaussian as Iso
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.9), torch.nn.Linear(16, 3))
+    x = torch.rand(2, 4)
+
+    def counts():
+        return sample_counts(net, x, Iso(0.3), 500, 3, generators=[input_generator(0, i, "t") for i in range(2)])
+
+    net.eval()
+    expected = counts()
+    net.train()
+    net[1].eval()
+    assert torch.equal(counts(), expected)
+    assert [m.training for m in net.modules()] == [True, True, False, True]

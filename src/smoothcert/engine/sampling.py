@@ -18,7 +18,7 @@ import hashlib
 import operator
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -126,6 +126,24 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """``model`` (an ``nn.Module``) in eval mode inside the block, every submodule's ``training`` flag restored
+    after (also after an error). The smoothed classifier is that of the model in eval mode (BatchNorm with its
+    running statistics, no dropout); a function that is not a module is left alone."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+
 def sample_counts(
     model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -143,7 +161,8 @@ def sample_counts(
     """Count ``argmax f(x_i + noise_i)`` over ``num`` draws per input; returns int64 ``(B, num_classes)``.
 
     ``x`` is ``(B, *shape)``; ``noise`` is one :class:`Noise` for all inputs or one per input; ``generators``
-    one per input (``None``: torch's global generator). The model runs under ``inference_mode``, in ``dtype``
+    one per input (``None``: torch's global generator). The model runs under ``inference_mode`` and in eval mode
+    (:func:`evaluation_mode`, each submodule's mode restored after), in ``dtype``
     (float32, or bfloat16 through autocast). ``block`` is how many samples of one input share a forward pass
     (default ``batch_size // B``); fix it to make counts independent of how inputs are grouped.
 
@@ -171,7 +190,7 @@ def sample_counts(
     counts = torch.zeros((total, num_classes), dtype=torch.int64, device=x.device)
     buffer = torch.empty((min(per_pass, total), block, *shape), dtype=torch.float32, device=x.device)
 
-    with torch.inference_mode(), _autocast(x.device, dtype):
+    with torch.inference_mode(), _autocast(x.device, dtype), evaluation_mode(model):
         for start in range(0, total, per_pass):
             rows = torch.arange(start, min(start + per_pass, total), device=x.device)
             group = len(rows)

@@ -42,12 +42,12 @@ import numpy as np
 import torch
 
 from smoothcert.engine.sampling import sample_counts
-from smoothcert.engine.smooth import ABSTAIN, Certificate, certify, dtype_name, evaluation_mode
+from smoothcert.engine.smooth import ABSTAIN, Certificate, certify, check_call, check_noise_support, dtype_name
 from smoothcert.geometry.norms import NormRadii
 from smoothcert.noise.base import Noise
 from smoothcert.stats.sequential import (CERTIFIED, FUTILE, SEQUENCES, UNDECIDED, anytime_decisions, check_schedule,
                                          spending, target_step, union_cp_bounds)
-from smoothcert.validation import check_alpha, check_count, check_inputs, check_num_classes, check_sample_sizes
+from smoothcert.validation import check_count, check_sample_sizes
 
 __all__ = ["MODES", "Mode", "certify_in_mode", "certify_sequential", "target_level"]
 
@@ -163,29 +163,16 @@ def certify_sequential(model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     """CERTIFY ``x`` (B, ...) in ``mode`` ``target`` or ``anytime``; one :class:`Certificate` per input, with
     ``n = n_max``, ``n_used`` the estimation samples drawn and ``extra`` the mode's columns. ``generators``: per
     input a ``(selection, estimation)`` pair of independent streams, or one stream for both in turn."""
-    with evaluation_mode(model):  # the smoothed classifier is that of the model in eval mode (as in certify)
-        return _certify_sequential(model, x, noise, num_classes, n0, mode, alpha, batch_size=batch_size, block=block,
-                                   generators=generators, dtype=dtype, seed=seed, range_policy=range_policy)
-
-
-def _certify_sequential(model, x, noise, num_classes, n0, mode, alpha, *, batch_size, block, generators, dtype, seed,
-                        range_policy) -> list[Certificate]:
     if not isinstance(mode, Mode) or not mode.sequential:
         raise ValueError("certify_sequential takes a Mode of name target or anytime")
-    if not callable(model):
-        raise TypeError("the base classifier must be callable (an nn.Module or a function of a batch)")
-    check_num_classes(num_classes)
-    check_alpha(alpha)
-    check_count("batch_size", batch_size)
+    check_call(model, x, num_classes, alpha, batch_size, dtype, range_policy)
     name = dtype_name(dtype)
-    check_inputs(x, range_policy=range_policy)
     mode.check_sampling(n0, n0)
     b = x.shape[0]
     noises = [noise] * b if isinstance(noise, Noise) else list(noise)
     if len(noises) != b:
         raise ValueError(f"got {len(noises)} noise distributions for {b} inputs")
-    for xi, ni in zip(x, noises):  # e.g. sound sampling's grid: a ValueError before any sampling
-        ni.check_support(xi)
+    check_noise_support(x, noise if isinstance(noise, Noise) else noises)  # e.g. sound sampling's grid
     select, estimate = _streams(generators, b)
     kw = dict(batch_size=batch_size, block=block, dtype=dtype)
     top = sample_counts(model, x, noises, n0, num_classes, generators=select, **kw).argmax(dim=1)

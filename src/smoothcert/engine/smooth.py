@@ -20,8 +20,7 @@ else of the model is touched.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,31 +31,15 @@ from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.noise.base import Noise
 from smoothcert.geometry.norms import NormRadii
 from smoothcert.geometry.regions import Region
-from smoothcert.engine.sampling import DTYPES, Observer, sample_counts
+from smoothcert.engine.sampling import DTYPES, Observer, evaluation_mode, sample_counts
 from smoothcert.stats.bounds import binomial_pvalue, clopper_pearson_lower
 from smoothcert.stats.sequential import randomized_cp_lower
 from smoothcert.validation import check_alpha, check_count, check_inputs, check_num_classes, check_sample_sizes
 
 ABSTAIN = -1
 
-__all__ = ["ABSTAIN", "Certificate", "Smooth", "certify", "predict", "dtype_name", "evaluation_mode"]
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """``model`` (an ``nn.Module``) in eval mode inside the block, every submodule's ``training`` flag restored
-    after (also after an error). The smoothed classifier is that of the model in eval mode (BatchNorm with its
-    running statistics, no dropout); a function that is not a module is left alone."""
-    if not isinstance(model, torch.nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
+__all__ = ["ABSTAIN", "Certificate", "Smooth", "certify", "predict", "dtype_name", "evaluation_mode", "check_call",
+           "check_noise_support"]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -108,7 +91,7 @@ class Certificate:
         return self.noise.sampling
 
 
-def _check_support(x, noise):
+def check_noise_support(x, noise):
     """Each input's noise family accepts it (e.g. a grid for sound sampling): a ValueError before any sampling."""
     if isinstance(noise, Noise):
         noise.check_support(x)
@@ -117,7 +100,9 @@ def _check_support(x, noise):
         ni.check_support(xi)
 
 
-def _validate(model, x, num_classes, alpha, batch_size, dtype, range_policy):
+def check_call(model, x, num_classes, alpha, batch_size, dtype, range_policy) -> None:
+    """The checks every sampling entry point makes before any sample: a callable model, a class count, alpha, the
+    batch size, the dtype and the inputs (finite, in range by ``range_policy``)."""
     if not callable(model):
         raise TypeError("the base classifier must be callable (an nn.Module or a function of a batch)")
     check_num_classes(num_classes)
@@ -186,17 +171,16 @@ def certify(
     bound (:func:`~smoothcert.stats.sequential.randomized_cp_lower`, coverage exactly ``1 - alpha``) instead
     of Clopper-Pearson's; each certificate records its draw as ``extra["cp_uniform"]``.
     """
-    _validate(model, x, num_classes, alpha, batch_size, dtype, range_policy)
+    check_call(model, x, num_classes, alpha, batch_size, dtype, range_policy)
     check_sample_sizes(n0, n)
     observers = list(observers)
     if not all(callable(o) for o in observers):
         raise TypeError("observers must be callables observer(rows, noise, predictions)")
     noises = [noise] * x.shape[0] if isinstance(noise, Noise) else list(noise)
-    _check_support(x, noise if isinstance(noise, Noise) else noises)
+    check_noise_support(x, noise if isinstance(noise, Noise) else noises)
     select, *estimate = _streams(generators, x, 2, more=True)
     kw = dict(batch_size=batch_size, block=block, dtype=dtype)
-    with evaluation_mode(model):
-        counts, top = _certify_counts(model, x, noises, n0, n, num_classes, select, estimate, observers, kw)
+    counts, top = _certify_counts(model, x, noises, n0, n, num_classes, select, estimate, observers, kw)
     n_a = counts[np.arange(len(top)), top]
     if uniforms is None:
         p_lower = np.atleast_1d(clopper_pearson_lower(n_a, np.full_like(n_a, n), alpha))
@@ -258,16 +242,15 @@ def predict(
     exact sampling, where each of them is some class, that can only raise the p-value (it is increasing in the
     runner-up's count), so the guarantee holds for the exactly sampled smoothed classifier.
     """
-    _validate(model, x, num_classes, alpha, batch_size, dtype, range_policy)
+    check_call(model, x, num_classes, alpha, batch_size, dtype, range_policy)
     check_count("n", n)
     if not isinstance(noise, Noise) and len(list(noise)) != x.shape[0]:
         raise ValueError(f"got {len(list(noise))} noise distributions for {x.shape[0]} inputs")
-    _check_support(x, noise)
+    check_noise_support(x, noise)
     (gens,) = _streams(generators, x, 1)
     voids = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    with evaluation_mode(model):
-        counts = sample_counts(model, x, noise, n, num_classes, generators=gens, batch_size=batch_size,
-                               block=block, dtype=dtype, voids=voids).cpu().numpy()
+    counts = sample_counts(model, x, noise, n, num_classes, generators=gens, batch_size=batch_size,
+                           block=block, dtype=dtype, voids=voids).cpu().numpy()
     voids = voids.cpu().numpy()
     order = np.argsort(-counts, axis=1, kind="stable")
     out = np.full(x.shape[0], ABSTAIN, dtype=np.int64)
@@ -370,9 +353,8 @@ class Smooth:
     # The reference implementation's helpers, kept for scripts that call them.
     def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int) -> np.ndarray:
         gen = self._gen(x.device)
-        with evaluation_mode(self.base_classifier):
-            return sample_counts(self.base_classifier, self._single(x), self.noise, num, self.num_classes,
-                                 batch_size=batch_size, generators=[gen], dtype=self.dtype)[0].cpu().numpy()
+        return sample_counts(self.base_classifier, self._single(x), self.noise, num, self.num_classes,
+                             batch_size=batch_size, generators=[gen], dtype=self.dtype)[0].cpu().numpy()
 
     def _lower_confidence_bound(self, NA: int, N: int, alpha: float) -> float:  # noqa: N803 - reference names
         return float(clopper_pearson_lower(NA, N, alpha))

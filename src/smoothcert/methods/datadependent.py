@@ -204,8 +204,7 @@ class DataDependentMethod(CertifyMethod):
         except NotDifferentiable as e:
             choices = self.fallback_choices(x.shape[0], "not-differentiable: " + " ".join(str(e).split()))
         if self.settings.compare_base:
-            with evaluation_mode(ctx.model):
-                choices = self.keep_better(ctx, x, indices, choices)
+            choices = self.keep_better(ctx, x, indices, choices)
         certs = ctx.certify(x, [c.noise for c in choices], indices)
         return list(zip(choices, certs))
 

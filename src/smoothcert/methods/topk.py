@@ -35,15 +35,14 @@ import numpy as np
 import torch
 
 from smoothcert.engine.sampling import sample_counts
-from smoothcert.engine.smooth import ABSTAIN, dtype_name
+from smoothcert.engine.smooth import ABSTAIN, check_call, dtype_name
 from smoothcert.geometry.regions import Ball
 from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
 from smoothcert.methods.records import MethodRecord
 from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.settings import Settings, choice, integer
 from smoothcert.stats.topk import check_top_k, label_bounds, topk_radius, topk_set_test
-from smoothcert.validation import (check_alpha, check_count, check_inputs, check_num_classes,
-                                   check_sample_sizes)
+from smoothcert.validation import check_count, check_sample_sizes
 
 __all__ = ["TopKSettings", "TopK", "TopKCertificate", "TopKPrediction", "certify_topk", "predict_topk",
            "format_set", "LABELS"]
@@ -118,14 +117,8 @@ def _noise(sigma: float | IsotropicGaussian) -> IsotropicGaussian:
 
 
 def _check(model, x, num_classes, k, alpha, batch_size, dtype, range_policy) -> int:
-    if not callable(model):
-        raise TypeError("the base classifier must be callable (an nn.Module or a function of a batch)")
-    check_num_classes(num_classes)
+    check_call(model, x, num_classes, alpha, batch_size, dtype, range_policy)
     k = check_top_k(k, num_classes)
-    check_alpha(alpha)
-    check_count("batch_size", batch_size)
-    dtype_name(dtype)
-    check_inputs(x, range_policy=range_policy)
     if x.ndim < 2:
         raise ValueError(f"x must be a batch (B, *input_shape), got shape {tuple(x.shape)}")
     return k
