@@ -19,6 +19,7 @@ Resumable (collect appends one JSON line per digit). Not run in CI.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 from pathlib import Path
 
@@ -38,22 +39,29 @@ RADII = (0.25, 0.5, 0.75, 1.0)
 
 
 class PrefixCounts:
-    """Observer: the count of the selected class after the first ``n_k`` estimation samples, for every check."""
+    """Observer: the count of the selected class after the first ``n_k`` estimation samples, for every check,
+    and every estimation sample's outcome (selected class or not), so any other schedule can be replayed."""
 
     def __init__(self, checks):
         self.checks = [int(c) for c in checks]
 
     def begin(self, classes):
-        self.cls, self.done, self.total, self.at = classes, 0, 0, {}
+        self.cls, self.done, self.total, self.at, self.hits = classes, 0, 0, {}, []
 
     def __call__(self, rows, noise, predictions):
-        hit = (predictions[0] == self.cls[rows[0]]).to(torch.int64).cumsum(0)
+        outcome = predictions[0] == self.cls[rows[0]]
+        self.hits.append(outcome.numpy().copy())
+        hit = outcome.to(torch.int64).cumsum(0)
         m = hit.numel()
         for c in self.checks:
             if self.done < c <= self.done + m:
                 self.at[c] = self.total + int(hit[c - self.done - 1])
         self.total += int(hit[-1])
         self.done += m
+
+    def packed(self) -> str:
+        """Every outcome in order, as base64 of ``numpy.packbits``."""
+        return base64.b64encode(np.packbits(np.concatenate(self.hits))).decode()
 
 
 def streams(seed, idx, device):
@@ -66,7 +74,7 @@ def collect(args) -> None:
     done = set()
     if args.out.exists():
         done = {json.loads(line)["idx"] for line in args.out.read_text().splitlines() if line.strip()}
-    schedule = check_schedule(args.n, args.first)
+    schedule = check_schedule(args.n, args.first, args.growth)
     noise = IsotropicGaussian(args.sigma)
     with args.out.open("a") as f:
         for idx in range(args.inputs):
@@ -81,16 +89,27 @@ def collect(args) -> None:
             assert obs.at[args.n] == int(cert.counts[top])
             f.write(json.dumps({"idx": idx, "label": int(y[0]), "top": top, "predict": cert.prediction,
                                 "p_lower": cert.p_lower, "radius": cert.radius, "n_a": int(cert.counts[top]),
-                                "prefix": [obs.at[int(c)] for c in schedule]}) + "\n")
+                                "prefix": [obs.at[int(c)] for c in schedule], "hits": obs.packed()}) + "\n")
             f.flush()
+
+
+def prefix_counts(row, schedule):
+    """The selected class's count after each check of ``schedule``: from the recorded outcomes (any schedule), else
+    from the counts recorded at the collection's own checks (then ``schedule`` must be that one)."""
+    if "hits" in row:
+        hits = np.unpackbits(np.frombuffer(base64.b64decode(row["hits"]), dtype=np.uint8))
+        return np.cumsum(hits[: int(schedule[-1])], dtype=np.int64)[schedule - 1].tolist()
+    if len(row["prefix"]) != len(schedule):
+        raise SystemExit("this file has counts at other checks only (collected before outcomes were recorded)")
+    return row["prefix"]
 
 
 def replay(row, mode: Mode, sigma: float, alpha: float, x=None):
     """What ``certify_sequential`` decides for this digit, from its prefix counts: (certified, radius, n_used)."""
-    schedule = check_schedule(mode.n_max, mode.first)
+    schedule = check_schedule(mode.n_max, mode.first, mode.growth)
     alphas = spending(alpha, len(schedule))
     noise = IsotropicGaussian(sigma)
-    prefix = row["prefix"]
+    prefix = prefix_counts(row, schedule)
     if mode.name == "target":
         _, level = target_level(noise, torch.zeros(784) if x is None else x, mode.radius)
     if mode.name == "target" and int(target_step([0], -1, schedule, [level], alpha, mode.sequence)[0]) != UNDECIDED:
@@ -119,9 +138,9 @@ def verify(args) -> None:
     model, _, _ = load_base_classifier([args.checkpoint], torch.device("cpu"))
     data = load_dataset("mnist", "test")
     rows = {r["idx"]: r for r in load(args.out)}
-    modes = [Mode("target", radius=r, n_max=args.n, first=args.first) for r in args.radii]
+    modes = [Mode("target", radius=r, n_max=args.n, first=args.first, growth=args.growth) for r in args.radii]
     if not args.skip_anytime:
-        modes.append(Mode("anytime", n_max=args.n, precision=args.precision, first=args.first))
+        modes.append(Mode("anytime", n_max=args.n, precision=args.precision, first=args.first, growth=args.growth))
     agree = total = 0
     for idx in sorted(rows)[: args.inputs]:
         x, _ = data.batch([idx])
@@ -143,7 +162,7 @@ def analyze(args) -> None:
     rows = load(args.out)
     sig = args.sigma
     print(f"sigma {sig}: {len(rows)} digits (indices {min(r['idx'] for r in rows)}-{max(r['idx'] for r in rows)}), "
-          f"n0 {args.n0}, alpha {args.alpha}, fixed n = {args.n:,}; checks at {check_schedule(args.n, args.first).tolist()}")
+          f"n0 {args.n0}, alpha {args.alpha}, fixed n = {args.n:,}; checks at {check_schedule(args.n, args.first, args.growth).tolist()}")
     print("\n| radius | sequence | fixed cert. acc. | target cert. acc. | mean n (target) | median n | "
           "fixed n / mean n | max n | share n >= 12,800 | share near level |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -155,7 +174,7 @@ def analyze(args) -> None:
         phat = np.array([x["n_a"] / args.n for x in rows])
         near = np.mean(np.abs(phat - level) <= 5 * np.sqrt(level * (1 - level) / 10_000))
         for seq in args.sequences:
-            mode = Mode("target", radius=r, n_max=args.n, sequence=seq, first=args.first)
+            mode = Mode("target", radius=r, n_max=args.n, sequence=seq, first=args.first, growth=args.growth)
             out = [replay(x, mode, sig, args.alpha) for x in rows]
             acc = np.mean([ok and x["top"] == x["label"] for (ok, _, _), x in zip(out, rows)])
             used = np.array([u for _, _, u in out])
@@ -170,7 +189,7 @@ def analyze(args) -> None:
           "median per-input deficit / sigma | share within 0.02 sigma | same, digits below the ceiling |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for precision in args.precisions:
-        mode = Mode("anytime", n_max=args.n, precision=precision, first=args.first)
+        mode = Mode("anytime", n_max=args.n, precision=precision, first=args.first, growth=args.growth)
         out = [replay(x, mode, sig, args.alpha) for x in rows]
         radius = np.array([rad if x["top"] == x["label"] else 0.0 for (_, rad, _), x in zip(out, rows)])
         used = np.array([u for _, _, u in out])
@@ -191,7 +210,8 @@ def main() -> None:
     ap.add_argument("--n0", type=int, default=100)
     ap.add_argument("--n", type=int, default=100_000, help="fixed n, and n_max of the sequential modes")
     ap.add_argument("--alpha", type=float, default=0.001)
-    ap.add_argument("--first", type=int, default=100, help="samples before the first check")
+    ap.add_argument("--first", type=int, default=Mode.first, help="samples before the first check")
+    ap.add_argument("--growth", type=float, default=Mode.growth, help="each check at this many times the previous")
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--radii", type=float, nargs="+", default=list(RADII))

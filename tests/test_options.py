@@ -298,7 +298,7 @@ def test_a_record_carries_what_memory_decided():
 
 #: The options of the modes of certification (``smoothcert certify`` only), with their defaults.
 MODE_OPTIONS = {"--mode": "fixed", "--radius": None, "--n-max": None, "--precision": None, "--sequence": "cp",
-                "--randomized-cp": False}
+                "--randomized-cp": False, "--first-check": 50, "--check-growth": 1.5}
 
 
 def test_mode_options_and_their_defaults():
@@ -317,6 +317,9 @@ def test_mode_options_and_their_defaults():
     (("--mode", "anytime", "--n-max", "500", "--randomized-cp"), "option of --mode fixed"),
     (("--mode", "target", "--radius", "0.1", "--n-max", "500", "--method", "first-order"),
      "--method first-order certifies with fixed n only"),
+    (("--mode", "target", "--radius", "0.1", "--n-max", "500", "--check-growth", "1"), "must be a number in (1, 16]"),
+    (("--mode", "anytime", "--n-max", "500", "--first-check", "0"), "the first check (samples) must be"),
+    (("--check-growth", "3"), "are for --mode target or anytime"),
 ])
 def test_bad_mode_options_are_refused_before_any_file(checkpoint, tmp_path, capsys, extra, message):
     out = tmp_path / "bad.tsv"

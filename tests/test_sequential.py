@@ -66,6 +66,20 @@ def test_target_test_exact_type_one_error_by_dynamic_programming(sequence, level
     assert errors[-1] > ALPHA / 50  # the test spends its error, it is not trivially conservative
 
 
+@pytest.mark.parametrize("sequence", ["cp", "betting"])
+@pytest.mark.parametrize("first, growth", [(Mode.first, Mode.growth), (10, 1.2), (300, 5.0)])
+def test_every_schedule_keeps_the_exact_error_of_the_target_test(sequence, first, growth):
+    """The default checks (50, 75, 112, ...) and a fine and a coarse schedule: P(ever certifies) <= alpha at every
+    null p, computed exactly; with the default checks the test at p = p* still spends a real share of it."""
+    level = 0.8413447460685429
+    schedule = check_schedule(2000, first, growth)
+    errors = [dp(p, schedule, target(level, sequence, schedule))[0] for p in np.linspace(0.6, level, 8)]
+    assert max(errors) <= ALPHA * (1 + 1e-9), (sequence, first, growth, max(errors))
+    if first == Mode.first:
+        assert errors[-1] > ALPHA / 50
+    assert len(schedule) > 20 if first == 10 else True  # the fine schedule really looks often
+
+
 @pytest.mark.parametrize("level", [0.6, 0.8413447460685429, 0.97])
 def test_negative_control_recomputing_fixed_n_bound_fails(level):
     """Fixed-n Clopper-Pearson at the full alpha after every batch certifies a p = p* input too often."""
@@ -170,7 +184,10 @@ def test_mode_validation_before_sampling():
                 dict(name="fixed", radius=0.5), dict(name="fixed", n_max=100), dict(name="anytime", n_max=10,
                                                                                     precision=0.0),
                 dict(name="target", radius=0.5, n_max=100, randomized=True), dict(name="nope"),
-                dict(name="anytime", n_max=100, sequence="betting")):
+                dict(name="anytime", n_max=100, sequence="betting"),
+                dict(name="target", radius=0.5, n_max=100, growth=1.0), dict(name="anytime", n_max=100, growth=True),
+                dict(name="anytime", n_max=100, growth=math.nan), dict(name="anytime", n_max=100, first=0),
+                dict(name="fixed", growth=3.0), dict(name="fixed", first=100)):
         with pytest.raises(ValueError):
             Mode(**bad)
     with pytest.raises(ValueError, match="n-max"):

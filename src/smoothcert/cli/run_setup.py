@@ -82,6 +82,11 @@ def add_mode_options(p: argparse.ArgumentParser) -> None:
                         "radius / sigma for isotropic noise; default 0.02)")
     p.add_argument("--sequence", choices=SEQUENCES, default="cp",
                    help="--mode target: cp (union-bound Clopper-Pearson, default) or betting (KT mixture)")
+    p.add_argument("--first-check", type=int, default=Mode.first,
+                   help=f"--mode target/anytime: estimation samples before the first check (default {Mode.first})")
+    p.add_argument("--check-growth", type=float, default=Mode.growth,
+                   help="--mode target/anytime: each later check at this many times the previous one's samples "
+                        f"(default {Mode.growth})")
     p.add_argument("--randomized-cp", action="store_true",
                    help="--mode fixed: randomized Clopper-Pearson bound (exact 1 - alpha coverage; its uniform "
                         "draw is recorded in the cp_uniform column)")
@@ -90,7 +95,8 @@ def add_mode_options(p: argparse.ArgumentParser) -> None:
 def mode_from_args(args, method: type[CertifyMethod]) -> Mode:
     """The run's :class:`Mode`, checked against the method and the sample sizes before any work."""
     mode = Mode(args.mode, radius=args.radius, n_max=args.n_max, precision=args.precision,
-                randomized=args.randomized_cp, sequence=args.sequence)
+                randomized=args.randomized_cp, sequence=args.sequence, first=args.first_check,
+                growth=args.check_growth)
     if mode != Mode() and not method.modes:
         raise ValueError(f"--method {method.name} certifies with fixed n only (no --mode target/anytime, "
                          "--randomized-cp, --sequence); methods with every mode: "

@@ -61,7 +61,8 @@ class Mode:
 
     ``radius`` (target only, > 0, l2, input units), ``n_max`` (target and anytime: the most estimation samples),
     ``precision`` (anytime: in gap units, default 0.02), ``randomized`` (fixed only), ``sequence`` (target:
-    ``cp`` or ``betting``), ``first`` (samples before the first check; the checks then double).
+    ``cp`` or ``betting``), ``first`` (samples before the first check) and ``growth`` (each later check at
+    ``growth`` times the previous one, :func:`~smoothcert.stats.sequential.check_schedule`).
     """
 
     name: str = "fixed"
@@ -70,7 +71,8 @@ class Mode:
     precision: float | None = None
     randomized: bool = False
     sequence: str = "cp"
-    first: int = 100
+    first: int = 50
+    growth: float = 1.5
 
     def __post_init__(self) -> None:
         if self.name not in MODES:
@@ -78,6 +80,12 @@ class Mode:
         if self.sequence not in SEQUENCES:
             raise ValueError(f"the sequence must be one of {', '.join(SEQUENCES)}, got {self.sequence!r}")
         check_count("the first check (samples)", self.first)
+        g = self.growth
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (math.isfinite(g) and 1.0 < g <= 16.0):
+            raise ValueError(f"the check growth (--check-growth) must be a number in (1, 16], got {g!r}")
+        object.__setattr__(self, "growth", float(g))
+        if self.name == "fixed" and (self.first, self.growth) != (50, 1.5):
+            raise ValueError("--first-check and --check-growth are for --mode target or anytime, not --mode fixed")
         only = {"radius": ("target",), "n_max": ("target", "anytime"), "precision": ("anytime",)}
         for key, modes in only.items():
             if getattr(self, key) is not None and self.name not in modes:
@@ -176,7 +184,7 @@ def certify_sequential(model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     select, estimate = _streams(generators, b)
     kw = dict(batch_size=batch_size, block=block, dtype=dtype)
     top = sample_counts(model, x, noises, n0, num_classes, generators=select, **kw).argmax(dim=1)
-    schedule = check_schedule(mode.n_max, mode.first)
+    schedule = check_schedule(mode.n_max, mode.first, mode.growth)
     alphas = spending(alpha, len(schedule))
     if mode.name == "target":
         gaps, levels = map(np.asarray, zip(*[target_level(noises[i], x[i], mode.radius) for i in range(b)]))
