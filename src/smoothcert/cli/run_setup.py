@@ -17,6 +17,7 @@ from smoothcert.cli.runner import samples_per_pass, select_indices
 from smoothcert.data.datasets import DATASETS
 from smoothcert.engine.sampling import DTYPES
 from smoothcert.engine.sequential import MODES, Mode
+from smoothcert.models.layout import ChannelsLast
 import smoothcert.methods  # noqa: F401  (registers every built-in method)
 from smoothcert.methods.base import CertifyMethod, RunContext, method_class
 from smoothcert.settings import flag_of, setting_fields
@@ -67,6 +68,9 @@ def add_run_options(p: argparse.ArgumentParser, *, certify: bool) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the base classifier through torch.compile (faster sampling after a warm-up; "
                         f"{', '.join(compilable())} and predict only)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run the base classifier on channels-last (NHWC) image batches: the GPU fast path's layout "
+                        "(NHWC convolution kernels, tensor cores with --dtype bfloat16); the same model up to rounding")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -157,6 +161,8 @@ def setup_run(args, method: type[CertifyMethod] | None = None):
     denoiser = None
     if args.denoiser is not None:
         model, denoiser = load_denoised(model, config, args.denoiser, device)
+    if args.channels_last:
+        model = ChannelsLast(model)
     if args.compile:
         model = torch.compile(model)
     dataset = load_dataset(args.dataset or config.get("dataset"), args.split, root=args.data_root)
@@ -182,6 +188,8 @@ def setup_run(args, method: type[CertifyMethod] | None = None):
            "block": samples_per_pass(args.batch_size, args.inputs_per_batch),
            "seed": args.seed, "compile": args.compile, "indices": f"range(0, {indices[-1] + 1 if indices else 0}, {args.skip})",
            "count": len(indices)}
+    if args.channels_last:
+        run["channels_last"] = True  # a different summation order: part of what the rows were computed with
     if denoiser is not None:
         run["denoiser"] = denoiser
     return device, model, num_classes, dataset, indices, inputs, run
