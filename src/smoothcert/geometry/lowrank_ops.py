@@ -81,6 +81,16 @@ class _Shape:
         y = torch.linalg.solve(self.eye + c @ self.h, wx)
         return x - fixed_sum(wd * (self.h @ y)[None, :], dim=1)
 
+    def quad(self, alpha: float, r: torch.Tensor, n2: float) -> tuple[float, float]:
+        """``(z . b, ||z||^2)`` for ``z = (alpha I + W H W^T)^-1 b``, from ``r = W^T b`` and ``n2 = ||b||^2`` only
+        (k x k work): ``y = (alpha I + G H)^-1 r``, ``z = (b - W H y) / alpha``."""
+        if not self.k:
+            return n2 / alpha, n2 / (alpha * alpha)
+        y = torch.linalg.solve(alpha * self.eye + self.g @ self.h, r)
+        hy = self.h @ y
+        rhy = float(r @ hy)
+        return (n2 - rhy) / alpha, (n2 - 2.0 * rhy + float(hy @ (self.g @ hy))) / (alpha * alpha)
+
 
 def _distance(p: torch.Tensor, f: Factored, iters: int = 100) -> float:
     v = p - f.center
@@ -91,12 +101,18 @@ def _distance(p: torch.Tensor, f: Factored, iters: int = 100) -> float:
     shape = _Shape(w, h)
     s2 = f.s * f.s
     constant = bool((s2 == s2[0]).all())
+    r = fixed_sum(w * v[:, None], dim=0)
 
     def z_of(mu: float) -> torch.Tensor:
         return shape.solve(s2 + mu, v, constant)
 
-    def level(z: torch.Tensor, mu: float) -> float:  # z^T Sigma z = z.v - mu ||z||^2
-        return float(fixed_sum(z * v)) - mu * float(fixed_sum(z * z))
+    def level(mu: float) -> float:  # z^T Sigma z = z.v - mu ||z||^2
+        if constant:
+            zv, zz = shape.quad(float(s2[0]) + mu, r, norm_v * norm_v)
+        else:
+            z = z_of(mu)
+            zv, zz = float(fixed_sum(z * v)), float(fixed_sum(z * z))
+        return zv - mu * zz
 
     def bound(z: torch.Tensor) -> float:
         nz = float(fixed_norm(z))
@@ -104,14 +120,14 @@ def _distance(p: torch.Tensor, f: Factored, iters: int = 100) -> float:
             return 0.0
         return (float(fixed_sum(z * v)) - float(support(f, z[None])[0])) / nz
 
-    if bool((s2 > 0).all()) and level(z_of(0.0), 0.0) <= 1.0:
+    if bool((s2 > 0).all()) and level(0.0) <= 1.0:
         return 0.0  # inside (or within rounding of it)
     lo, hi = 0.0, norm_v * f.outer * (1.0 + 1e-9)  # z^T Sigma z <= ||v||^2 sigma_max^2 / mu^2 <= 1 at hi
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         if mid <= lo or mid >= hi:
             break
-        if level(z_of(mid), mid) > 1.0:
+        if level(mid) > 1.0:
             lo = mid
         else:
             hi = mid
@@ -140,34 +156,44 @@ def _k_min(fa: Factored, fb: Factored, delta: torch.Tensor, iters: int = 100) ->
     constant = bool((sa2 == sa2[0]).all()) and bool((sb2 == sb2[0]).all())
     floor = 1e-300 + 1e-18 * float(torch.maximum(sa2, sb2).max())
     gw = gram(w) if w.shape[1] else None
-    eval_cache: dict[float, tuple[float, torch.Tensor]] = {}
+    r = fixed_sum(w * delta[:, None], dim=0) if w.shape[1] else None
+    n2 = float(fixed_sum(delta * delta))
+    eval_cache: dict[float, float] = {}
 
-    def evaluate(t: float) -> tuple[float, torch.Tensor]:
+    def parts(t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.zeros((ka + kb, ka + kb), dtype=torch.float64, device=delta.device)
+        h[:ka, :ka], h[ka:, ka:] = ha / t, hb / (1.0 - t)
+        return h, (sa2 / t + sb2 / (1.0 - t)).clamp_min(floor)
+
+    def evaluate(t: float) -> float:
         if t not in eval_cache:
-            h = torch.zeros((ka + kb, ka + kb), dtype=torch.float64, device=delta.device)
-            h[:ka, :ka], h[ka:, ka:] = ha / t, hb / (1.0 - t)
-            diag = (sa2 / t + sb2 / (1.0 - t)).clamp_min(floor)
-            z = _Shape(w, h, gw).solve(diag, delta, constant)
-            eval_cache[t] = (1.0 - float(fixed_sum(z * delta)), z)
+            h, diag = parts(t)
+            shape = _Shape(w, h, gw)
+            if constant:
+                zd = shape.quad(float(diag[0]), r, n2)[0] if r is not None else n2 / float(diag[0])
+            else:
+                zd = float(fixed_sum(shape.solve(diag, delta, False) * delta))
+            eval_cache[t] = 1.0 - zd
         return eval_cache[t]
 
     g = (math.sqrt(5.0) - 1.0) / 2.0
     lo, hi = 0.0, 1.0
     x1, x2 = hi - g * (hi - lo), lo + g * (hi - lo)
-    f1, f2 = evaluate(x1)[0], evaluate(x2)[0]
+    f1, f2 = evaluate(x1), evaluate(x2)
     for _ in range(iters):
         if hi - lo <= 1e-15:
             break
         if f1 < f2:
             hi, x2, f2 = x2, x1, f1
             x1 = hi - g * (hi - lo)
-            f1 = evaluate(x1)[0]
+            f1 = evaluate(x1)
         else:
             lo, x1, f1 = x1, x2, f2
             x2 = lo + g * (hi - lo)
-            f2 = evaluate(x2)[0]
-    best = min(eval_cache.items(), key=lambda item: (item[1][0], item[0]))
-    return best[1]
+            f2 = evaluate(x2)
+    t_best, k_best = min(eval_cache.items(), key=lambda item: (item[1], item[0]))
+    h, diag = parts(t_best)
+    return k_best, _Shape(w, h, gw).solve(diag, delta, constant)
 
 
 def _separated(fa: Factored, fb: Factored, delta: torch.Tensor, w: torch.Tensor) -> bool:
