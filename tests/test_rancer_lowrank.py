@@ -6,8 +6,8 @@ import torch
 
 from smoothcert.geometry.lowrank import LowRankEllipsoid
 from smoothcert.methods.base import RunContext
-from smoothcert.methods.hessian import loss_hessian
-from smoothcert.methods.lowrank_rancer import optimize_lowrank, top_eigenvectors
+from smoothcert.methods.hessian import loss_hessian, top_eigenvectors
+from smoothcert.methods.lowrank_rancer import optimize_lowrank
 from smoothcert.methods.rancer import RANCER
 from smoothcert.noise.lowrank import LowRankGaussian
 

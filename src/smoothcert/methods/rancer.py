@@ -64,8 +64,8 @@ import numpy as np
 import torch
 
 from smoothcert.geometry.linalg import geometric_mean
-from smoothcert.methods.hessian import METHODS as HESSIAN_METHODS, hessian_basis
-from smoothcert.methods.lowrank_rancer import optimize_lowrank, top_eigenvectors
+from smoothcert.methods.hessian import METHODS as HESSIAN_METHODS, hessian_basis, top_eigenvectors
+from smoothcert.methods.lowrank_rancer import optimize_lowrank
 from smoothcert.noise.gaussian import DiagonalGaussian, RotatedGaussian
 from smoothcert.noise.lowrank import LowRankGaussian
 from smoothcert.engine.sampling import sample_counts
