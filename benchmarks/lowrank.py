@@ -1,15 +1,15 @@
-"""Low-rank RANCER with memory on CIFAR-sized inputs (d = 3,072): peak memory, stored bytes per certificate, time.
+"""Low-rank RANCER (or RDDRS) with memory on CIFAR-sized inputs (d = 3,072): peak memory, bytes per certificate.
 
 A small random ReLU conv net (3x32x32 -> 10 classes, built here, seeded) and ``--inputs`` random images scattered
 around ``--groups`` points of its decision boundary, so that regions of nearby inputs of different classes meet in
-memory and the low-rank distance / intersection tests run at d = 3,072. Certified by ``RANCER(rancer_rank=K)`` with memory on and
-saved beside a results path (the memory folder and the noise store, as a command-line run writes them), then
-printed: peak resident memory (``resource.getrusage`` ``ru_maxrss``), the peak of Python-level allocations
-(``tracemalloc``; torch's own buffers are not traced there, ``ru_maxrss`` holds them), wall time per input, the
-bytes the memory and the noise store keep per certificate, and what the full-matrix path would keep (a d x d
-float64 basis per rotated region, plus the d x d Hessian and its eigen-decomposition per input while choosing).
-``--full N`` also runs the full-matrix RANCER on the first N inputs and prints its measured time and peak memory.
-Not run in CI.
+memory and the low-rank distance / intersection tests run at d = 3,072. Certified by ``RANCER(rancer_rank=K)``
+(``--method rddrs``: ``RDDRS(rddrs_rank=K)``) with memory on and saved beside a results path (the memory folder and
+the noise store, as a command-line run writes them), then printed: peak resident memory (``resource.getrusage``
+``ru_maxrss``), the peak of Python-level allocations (``tracemalloc``; torch's own buffers are not traced there,
+``ru_maxrss`` holds them), wall time per input, the time of the low-rank distance and intersection calls, the bytes
+the memory and the noise store keep per certificate, and what the full-matrix path would keep (a d x d float64
+basis per region, plus the d x d Hessian and its eigen-decomposition per input while choosing). ``--full N`` also
+runs the full-matrix method on the first N inputs and prints its measured time and peak memory. Not run in CI.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/lowrank.py --inputs 30 --rank 16
 """
@@ -30,6 +30,7 @@ import smoothcert.geometry.distance as distance_module
 import smoothcert.geometry.intersection as intersection_module
 from smoothcert.methods.base import RunContext
 from smoothcert.methods.rancer import RANCER
+from smoothcert.methods.rddrs import RDDRS
 
 
 def cifar_net(seed: int = 0) -> torch.nn.Module:
@@ -100,7 +101,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
 
-def run(method: RANCER, model, x: torch.Tensor, out: Path, args) -> dict:
+def run(method, model, x: torch.Tensor, out: Path, args) -> dict:
     if out.parent.exists():
         shutil.rmtree(out.parent)
     out.parent.mkdir(parents=True)
@@ -145,7 +146,9 @@ def main() -> None:
     ap.add_argument("--inputs-per-batch", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5, help="ANCER-stage steps (and DDS steps)")
     ap.add_argument("--samples", type=int, default=16, help="noise samples per optimization step")
-    ap.add_argument("--full", type=int, default=0, help="also run the full-matrix RANCER on this many inputs")
+    ap.add_argument("--method", choices=("rancer", "rddrs"), default="rancer")
+    ap.add_argument("--rddrs-samples", type=int, default=64, help="Monte Carlo samples per RDDRS step")
+    ap.add_argument("--full", type=int, default=0, help="also run the full-matrix path on this many inputs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     counted(distance_module, "lowrank_distances", "distances")
@@ -154,9 +157,12 @@ def main() -> None:
     x = inputs(model, args.inputs, args.groups, args.spread, args.offset)
     d = int(x[0].numel())
     settings = dict(samples=args.samples, dds_steps=args.steps, steps=args.steps)
-    low = run(RANCER(args.sigma, rancer_rank=args.rank, **settings), model, x, args.out / "lowrank" / "r.tsv", args)
+    if args.method == "rddrs":
+        settings["rddrs_samples"] = args.rddrs_samples
+    kind, rank = (RANCER, "rancer_rank") if args.method == "rancer" else (RDDRS, "rddrs_rank")
+    low = run(kind(args.sigma, **{rank: args.rank}, **settings), model, x, args.out / "lowrank" / "r.tsv", args)
     k = args.rank
-    print(f"low-rank RANCER, d = {d}, k = {k}, {args.inputs} inputs ({args.groups} groups), n0 = {args.n0}, "
+    print(f"low-rank {args.method.upper()}, d = {d}, k = {k}, {args.inputs} inputs ({args.groups} groups), n0 = {args.n0}, "
           f"n = {args.n}, {args.steps} DDS + {args.steps} ascent steps x {args.samples} samples, 1 thread")
     print(f"  wall {low['wall']:.1f} s ({low['wall'] / args.inputs:.2f} s per input); memory actions "
           f"{dict(low['actions'])}; mean radius {sum(low['radius']) / len(low['radius']):.4f}")
@@ -171,13 +177,13 @@ def main() -> None:
           f"{per / 2**10:.0f} KB per region (float64 center, theta, {d} x {k} factor, gamma: "
           f"{8 * (d * (k + 2) + k) / 2**10:.0f} KB of tensors); noise store "
           f"{low['noise_bytes'] / max(1, args.inputs) / 2**10:.0f} KB per input")
-    print(f"  the full-matrix path would store a {d} x {d} basis per rotated region: {8 * d * d / 2**20:.0f} MB "
+    print(f"  the full-matrix path would store a {d} x {d} basis per region: {8 * d * d / 2**20:.0f} MB "
           f"(float64, as memory keeps it; {4 * d * d / 2**20:.0f} MB in float32), and build a {d} x {d} Hessian and "
           f"its eigenvectors per input ({2 * 8 * d * d / 2**20:.0f} MB): "
           f"{8 * d * d / max(1.0, per):.0f}x the low-rank region")
     if args.full:
-        full = run(RANCER(args.sigma, **settings), model, x[:args.full], args.out / "full" / "r.tsv", args)
-        print(f"full-matrix RANCER on {args.full} inputs: wall {full['wall']:.1f} s "
+        full = run(kind(args.sigma, **settings), model, x[:args.full], args.out / "full" / "r.tsv", args)
+        print(f"full-matrix {args.method.upper()} on {args.full} inputs: wall {full['wall']:.1f} s "
               f"({full['wall'] / args.full:.1f} s per input); peak RSS {full['rss_peak']:.0f} MB (the process so far); "
               f"memory folder {full['memory_bytes'] / 2**20:.1f} MB for {full['stored']} stored regions")
 

@@ -241,3 +241,12 @@ def test_low_rank_certificates_never_cross_a_linear_boundary_beyond_alpha():
     bad |= violations_of([c.radius for c in certs], np.full(p.trials, exact))
     assert_sound(bad, p)
     assert np.mean(reach) > 0.8 * exact  # the certificates are not vacuous
+
+
+def test_a_zero_gap_region_is_a_point():
+    noise = lowrank_noise(torch.Generator().manual_seed(9))
+    point = noise.region(torch.zeros(D, dtype=F64), 0.0)
+    p = torch.full((D,), 0.1, dtype=F64)
+    assert math.isclose(float(distances(p, point)[0]), float(p.norm()), rel_tol=1e-9)
+    assert float(distances(torch.zeros(D, dtype=F64), point)[0]) == 0.0
+    assert point.inscribed_radius == 0.0 and point.log_volume == -math.inf

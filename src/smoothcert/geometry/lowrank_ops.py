@@ -97,6 +97,8 @@ def _distance(p: torch.Tensor, f: Factored, iters: int = 100) -> float:
     norm_v = float(fixed_norm(v))
     if norm_v == 0.0:
         return 0.0
+    if f.outer <= 0.0:  # a point
+        return norm_v * (1.0 - _allowance(f.dim, f.rank))
     w, h = f.shape_factors()
     shape = _Shape(w, h)
     s2 = f.s * f.s
