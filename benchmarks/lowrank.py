@@ -163,7 +163,8 @@ def main() -> None:
     low = run(kind(args.sigma, **{rank: args.rank}, **settings), model, x, args.out / "lowrank" / "r.tsv", args)
     k = args.rank
     print(f"low-rank {args.method.upper()}, d = {d}, k = {k}, {args.inputs} inputs ({args.groups} groups), n0 = {args.n0}, "
-          f"n = {args.n}, {args.steps} DDS + {args.steps} ascent steps x {args.samples} samples, 1 thread")
+          f"n = {args.n}, {args.steps} DDS + {args.steps} ascent steps x "
+          f"{args.samples if args.method == 'rancer' else args.rddrs_samples} samples, 1 thread")
     print(f"  wall {low['wall']:.1f} s ({low['wall'] / args.inputs:.2f} s per input); memory actions "
           f"{dict(low['actions'])}; mean radius {sum(low['radius']) / len(low['radius']):.4f}")
     geo = low["geometry"]
