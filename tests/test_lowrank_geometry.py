@@ -251,3 +251,24 @@ def test_a_zero_gap_region_is_a_point():
     assert math.isclose(float(distances(p, point)[0]), float(p.norm()), rel_tol=1e-9)
     assert float(distances(torch.zeros(D, dtype=F64), point)[0]) == 0.0
     assert point.inscribed_radius == 0.0 and point.log_volume == -math.inf
+
+
+def test_full_rank_factor_gives_the_rotated_gaussians_region():
+    """k = d, constant theta: ``sigma (I + Q G Q^T) = Q diag(sigma (1 + gamma)) Q^T``, RANCER's full-path noise
+    (RotatedGaussian) with the same float32 numbers: the same radii, distances and verdicts up to rounding."""
+    from smoothcert.noise.gaussian import RotatedGaussian
+
+    d, sigma = 16, 0.2
+    gen = torch.Generator().manual_seed(10)
+    low_noise = lowrank_noise(gen, d, d, theta=sigma)
+    rotated = RotatedGaussian(low_noise.basis, sigma * (1.0 + low_noise.gamma))
+    assert torch.equal(rotated.basis, low_noise.basis)  # the same float32 basis
+    center = torch.rand(d, generator=gen, dtype=F64)
+    a, b = low_noise.region(center, 1.1), rotated.region(center, 1.1)
+    assert math.isclose(a.inscribed_radius, b.inscribed_radius, rel_tol=1e-5)
+    assert math.isclose(a.proxy_radius, b.proxy_radius, rel_tol=1e-5)
+    pts = center + torch.randn(40, d, generator=gen, dtype=F64) * 0.5
+    assert torch.allclose(distances(pts, a), distances(pts, b), atol=1e-5)
+    others = [Ball(center + torch.randn(d, generator=gen, dtype=F64) * 0.15, 0.05 + 0.1 * i / 20) for i in range(20)]
+    verdicts = [intersects(b, o) for o in others]
+    assert [intersects(a, o) for o in others] == verdicts and 0 < sum(verdicts) < len(verdicts)
