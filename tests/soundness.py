@@ -41,6 +41,7 @@ import torch
 from scipy import stats
 
 from conftest import Linear2
+from smoothcert.geometry.lowrank import LowRankEllipsoid
 from smoothcert.geometry.regions import Ball, CrossPolytope, Ellipsoid, Region
 
 __all__ = ["Plan", "plan", "count_violations", "assert_sound", "violations_of", "LinearCase", "linear_case",
@@ -237,7 +238,8 @@ def region_reach(region: Region, direction: torch.Tensor) -> float:
     """``max over y in region of direction . (y - center)``, the support function of the centred region.
 
     Ball: ``r ||n||``; ellipsoid ``{c + B diag(a) u : ||u|| <= 1}``: ``||diag(a) B^T n||``; cross-polytope
-    ``{c + diag(a) v : ||v||_1 <= 1}``: ``max_i a_i |n_i|`` (attained at a vertex).
+    ``{c + diag(a) v : ||v||_1 <= 1}``: ``max_i a_i |n_i|`` (attained at a vertex); low-rank ellipsoid
+    ``{c + g A v : ||v|| <= 1}``: ``g ||A^T n||`` with the dense ``A`` built from the region's numbers.
     """
     n = torch.as_tensor(direction, dtype=torch.float64).reshape(-1)
     if isinstance(region, Ball):
@@ -247,6 +249,8 @@ def region_reach(region: Region, direction: torch.Tensor) -> float:
     if isinstance(region, Ellipsoid):
         local = n if region.basis is None else region.basis.T @ n
         return float(torch.linalg.vector_norm(region.semi_axes * local))
+    if isinstance(region, LowRankEllipsoid):
+        return float(region.gap * torch.linalg.vector_norm(region.dense_scale().T @ n))
     raise TypeError(f"no support function for {type(region).__name__}")
 
 

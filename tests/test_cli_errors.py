@@ -63,6 +63,9 @@ CASES = [
     ("certify", ["--method", "nope"]), ("certify", ["--method", "dds", "--dds-lr", "-1"]),
     ("certify", ["--method", "ancer", "--kappa", "-1"]), ("certify", ["--method", "dds", "--compile"]),
     ("certify", ["--method", "first-order", "--alpha-split", "2"]),
+    ("certify", ["--method", "rancer", "--rancer-rank", "3"]), ("certify", ["--method", "rancer", "--rancer-rank", "-1"]),
+    ("certify", ["--method", "rancer", "--rancer-rank", "1.5"]),
+    ("certify", ["--method", "rancer-best", "--rancer-rank", "1"]), ("certify", ["--method", "rddrs", "--rddrs-rank", "3"]),
     # predict
     ("predict", ["--n", "0"]), ("predict", ["--alpha", "0"]), ("predict", ["--batch-size", "0"]),
     ("predict", ["--sigma", "-1"]), ("predict", ["--dataset", "mnist"]), ("predict", ["--inputs-per-batch", "-2"]),

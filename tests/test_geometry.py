@@ -252,7 +252,7 @@ def test_distance_is_sound_for_a_nearly_orthonormal_basis():
 
 
 def test_distance_rejects_bad_input():
-    with pytest.raises(TypeError, match="Ball, an Ellipsoid or a CrossPolytope"):
+    with pytest.raises(TypeError, match="Ball, an Ellipsoid, a CrossPolytope or a LowRankEllipsoid"):
         distance_to_region(torch.zeros(2), "ball")
     with pytest.raises(ValueError, match="d=2"):
         distance_to_region(torch.zeros(3), Ball(torch.zeros(2), 1.0))

@@ -275,7 +275,7 @@ def test_check_rejects_bad_input():
         mem.check(1, z, 0.5, Ball(z, 1.0))
     with pytest.raises(ValueError, match="region is None"):
         mem.check(1, z, 1, None)
-    with pytest.raises(TypeError, match="Ball, an Ellipsoid or a CrossPolytope"):
+    with pytest.raises(TypeError, match="Ball, an Ellipsoid, a CrossPolytope or a LowRankEllipsoid"):
         mem.check(1, z, 1, "ball")
     with pytest.raises(ValueError, match=">= 0"):
         mem.check(-1, z, 1, Ball(z, 1.0))

@@ -36,7 +36,7 @@ NEW_OPTIONS = {"--ancer-constraint": "elementwise", "--compare-base": 0, "--top-
                "--shift-sigma": 2.0, "--max-shift": 8, "--translation-mode": "smooth",
                "--angle-sigma": 10.0, "--max-angle": 10.0, "--angle-cells": 10, "--beta-step": 0.05,
                "--angle-tail": 4.0,
-               "--rancer-scales": "isotropic", "--rancer-eigen-map": "curvature"}
+               "--rancer-scales": "isotropic", "--rancer-eigen-map": "curvature", "--rancer-rank": 0, "--rddrs-rank": 0}
 OPTIONS = {**OLD_OPTIONS, **NEW_OPTIONS}
 
 

@@ -25,6 +25,8 @@ from smoothcert.geometry.distance import distance_to_region, largest_ball_outsid
 from smoothcert.geometry.intersection import intersects
 from smoothcert.methods.memory import CertificationMemory
 from smoothcert.noise.discrete import DiscretizedGaussian
+from smoothcert.noise.lowrank import LowRankGaussian
+from smoothcert.geometry.lowrank import LowRankEllipsoid
 from smoothcert.engine.sequential import Mode, certify_in_mode, certify_sequential
 
 from smoothcert.version import __version__  # noqa: E402
@@ -37,5 +39,5 @@ __all__ = [
     "Ensemble", "load_ensemble", "OBJECTIVES", "Objective", "make_objective", "PCAProjection", "add_pca", "fit_pca",
     "train", "FirstOrderCertificate", "Subspace", "certify_first_order", "CertifyMethod", "RunContext", "method_class",
     "CrossPolytope", "distance_to_region", "intersects", "largest_ball_outside", "CertificationMemory",
-    "DiscretizedGaussian", "Mode", "certify_in_mode", "certify_sequential",
+    "DiscretizedGaussian", "Mode", "certify_in_mode", "certify_sequential", "LowRankGaussian", "LowRankEllipsoid",
 ]

@@ -6,10 +6,11 @@ separating direction checked in exact form.
 
 from smoothcert.geometry.distance import distance_to_region, distances, largest_ball_outside
 from smoothcert.geometry.intersection import intersects, intersects_each, k_function
+from smoothcert.geometry.lowrank import LowRankEllipsoid
 from smoothcert.geometry.regions import Ball, CrossPolytope, Ellipsoid, Region
 from smoothcert.geometry.tolerances import basis_error, inscribed_lower, outer_radius
 
 __all__ = [
-    "Ball", "CrossPolytope", "Ellipsoid", "Region", "distance_to_region", "distances", "largest_ball_outside",
+    "Ball", "CrossPolytope", "Ellipsoid", "LowRankEllipsoid", "Region", "distance_to_region", "distances", "largest_ball_outside",
     "intersects", "intersects_each", "k_function", "basis_error", "inscribed_lower", "outer_radius",
 ]

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from smoothcert.geometry.lowrank_ops import lowrank_distances
 from smoothcert.geometry.regions import Region
-from smoothcert.geometry.tolerances import (BALL, ELLIPSOID, EPS, L1, SHRINK, basis_error, check_regions,
+from smoothcert.geometry.tolerances import (BALL, ELLIPSOID, EPS, L1, LOWRANK, SHRINK, basis_error, check_regions,
                                             fixed_cumsum, fixed_matvec, fixed_norm, fixed_sum, fixed_vecmat,
                                             region_basis, region_kind, rounding_allowance)
 
@@ -224,8 +225,9 @@ def distances(points: torch.Tensor, regions: Region | Sequence[Region]) -> torch
 
     Broadcasts one point against ``n`` regions, ``n`` points against one region, or pairs row ``i`` with
     region ``i``. Ellipsoids: secular equation (seed 000 eq. 3.17-3.19, 4.10), lower end of the bracket;
-    l1 regions: exact weighted-simplex projection; balls: ``||p - c|| - r``. Each value is reduced by a
-    rounding allowance, so it never exceeds the true distance.
+    l1 regions: exact weighted-simplex projection; balls: ``||p - c|| - r``; low-rank ellipsoids: the dual bound
+    of :mod:`smoothcert.geometry.lowrank_ops`. Each value is reduced by a rounding allowance, so it never exceeds
+    the true distance.
     """
     single = isinstance(regions, Region)
     regs = [regions] if single else list(regions)  # type: ignore[list-item]
@@ -234,6 +236,19 @@ def distances(points: torch.Tensor, regions: Region | Sequence[Region]) -> torch
     d = check_regions(*regs)
     device = regs[0].center.device
     pts = _points(points, d, device)
+    low = [i for i, r in enumerate(regs) if region_kind(r) == LOWRANK]
+    if low:  # low-rank ellipsoids row by row (lowrank_ops), the others as below
+        if single:
+            return lowrank_distances(pts, regs * pts.shape[0])
+        n = len(regs)
+        if pts.shape[0] not in (1, n):
+            raise ValueError(f"give one point or one point per region: {pts.shape[0]} points for {n} regions")
+        p, rest = pts.expand(n, d), [i for i in range(n) if region_kind(regs[i]) != LOWRANK]
+        out = torch.empty(n, dtype=torch.float64, device=device)
+        out[low] = lowrank_distances(p[low], [regs[i] for i in low])
+        if rest:
+            out[rest] = distances(p[rest], [regs[i] for i in rest])
+        return out
     if single:
         n = pts.shape[0]
         groups = [(list(range(n)), RegionPack.of(regs, device).expand(n))]

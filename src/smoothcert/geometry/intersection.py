@@ -17,7 +17,9 @@ less a float64 rounding allowance. For ellipsoids that direction is ``M(t*)^-1 (
 Two l1 regions use the l1 analogue of ``K`` (a concave piecewise-linear ``phi(t)``, maximized exactly by
 sorting its breakpoints); an ellipsoid and an l1 region, and two ellipsoids that both have a zero semi-axis
 (where ``K`` is ill-conditioned), find ``w`` by accelerated alternating projections (pairs closer than ``1e-9``
-of their scale count as intersecting); a ball uses the exact distance test.
+of their scale count as intersecting); a ball uses the exact distance test; a low-rank ellipsoid against another
+or an axis-aligned ellipsoid, K(t) by Woodbury (:mod:`smoothcert.geometry.lowrank_ops`; against a dense-basis
+ellipsoid or an l1 region it answers "may intersect").
 Distances come from :mod:`smoothcert.geometry.distance` (lower bounds).
 
 Canonical per pair: a verdict depends on its own pair only, never on the other regions it is tested with
@@ -35,8 +37,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from smoothcert.geometry.distance import RegionPack, distances, pack_groups, separated
+from smoothcert.geometry.lowrank_ops import lowrank_disjoint
 from smoothcert.geometry.regions import Ball, Region
-from smoothcert.geometry.tolerances import (ELLIPSOID, L1, check_regions, fixed_cumsum, fixed_matvec, fixed_norm,
+from smoothcert.geometry.tolerances import (ELLIPSOID, L1, LOWRANK, check_regions, fixed_cumsum, fixed_matvec, fixed_norm,
                                             fixed_sum, fixed_vecmat, is_point, outer_radius, region_basis,
                                             region_kind, rounding_allowance)
 
@@ -273,7 +276,8 @@ def intersects_each(region: Region, regions: Sequence[Region]) -> torch.Tensor:
         dist = distances(region.center, [regs[i] for i in rest])
         out[rest] = (dist <= 0).cpu()
         return out
-    cases: dict[str, list[int]] = {"b_point": [], "a_ball": [], "b_ball": [], "kt": [], "l1": [], "alt": []}
+    cases: dict[str, list[int]] = {"b_point": [], "a_ball": [], "b_ball": [], "kt": [], "l1": [], "alt": [],
+                                   "lowrank": []}
     for i in rest:
         rb = regs[i]
         if is_point(rb):
@@ -282,6 +286,8 @@ def intersects_each(region: Region, regions: Sequence[Region]) -> torch.Tensor:
             cases["a_ball"].append(i)
         elif isinstance(rb, Ball):
             cases["b_ball"].append(i)
+        elif LOWRANK in (region_kind(region), region_kind(rb)):
+            cases["lowrank"].append(i)
         elif region_kind(region) == ELLIPSOID and region_kind(rb) == ELLIPSOID:
             cases["kt"].append(i)
         elif region_kind(region) == L1 and region_kind(rb) == L1:
@@ -307,6 +313,9 @@ def intersects_each(region: Region, regions: Sequence[Region]) -> torch.Tensor:
     if cases["alt"]:
         idx = cases["alt"]
         out[idx] = ~_alternating_disjoint(region, [regs[i] for i in idx])
+    if cases["lowrank"]:
+        idx = cases["lowrank"]
+        out[idx] = ~lowrank_disjoint(region, [regs[i] for i in idx])
     return out
 
 

@@ -10,26 +10,29 @@ from __future__ import annotations
 import torch
 
 from smoothcert.geometry.linalg import EPS, basis_error, rounding_allowance
+from smoothcert.geometry.lowrank import LowRankEllipsoid
 from smoothcert.geometry.reductions import fixed_cumsum, fixed_matvec, fixed_norm, fixed_sum, fixed_vecmat
 from smoothcert.geometry.regions import Ball, CrossPolytope, Ellipsoid, Region
 
-__all__ = ["EPS", "SHRINK", "BALL", "ELLIPSOID", "L1", "rounding_allowance", "region_kind", "region_basis",
+__all__ = ["EPS", "SHRINK", "BALL", "ELLIPSOID", "L1", "LOWRANK", "rounding_allowance", "region_kind", "region_basis",
            "basis_error", "outer_radius", "inscribed_lower", "is_point", "check_regions", "fixed_sum", "fixed_norm",
            "fixed_cumsum", "fixed_vecmat", "fixed_matvec"]
 
-BALL, ELLIPSOID, L1 = "ball", "ellipsoid", "l1"
+BALL, ELLIPSOID, L1, LOWRANK = "ball", "ellipsoid", "l1", "lowrank"
 SHRINK = 1e-10  # relative margin that keeps a ball strictly inside the distance (eq. 3.19's epsilon)
 
 
 def region_kind(region: object) -> str:
-    """``"ball"``, ``"ellipsoid"`` or ``"l1"``; a TypeError for anything else."""
+    """``"ball"``, ``"ellipsoid"``, ``"l1"`` or ``"lowrank"``; a TypeError for anything else."""
     if isinstance(region, Ball):
         return BALL
     if isinstance(region, Ellipsoid):
         return ELLIPSOID
     if isinstance(region, CrossPolytope):
         return L1
-    raise TypeError(f"expected a Ball, an Ellipsoid or a CrossPolytope region, got {type(region).__name__}")
+    if isinstance(region, LowRankEllipsoid):
+        return LOWRANK
+    raise TypeError(f"expected a Ball, an Ellipsoid, a CrossPolytope or a LowRankEllipsoid region, got {type(region).__name__}")
 
 
 def region_basis(region: Region) -> torch.Tensor | None:
@@ -38,7 +41,9 @@ def region_basis(region: Region) -> torch.Tensor | None:
 
 def outer_radius(region: Region) -> float:
     """Radius of a ball around the center that contains the region: ``max a * sigma_max(B)``, with
-    ``sigma_max(B) <= sqrt(1 + basis_error) <= 1 + basis_error``."""
+    ``sigma_max(B) <= sqrt(1 + basis_error) <= 1 + basis_error`` (a low-rank ellipsoid's own bound)."""
+    if isinstance(region, LowRankEllipsoid):
+        return region.outer_radius
     return float(region.axes.max()) * (1.0 + basis_error(region_basis(region)))
 
 

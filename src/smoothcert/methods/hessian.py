@@ -17,16 +17,22 @@ module of the model is of a known piecewise-linear type, or, for any other model
 second-order term exactly zero at the inputs (one Hessian-vector product through autograd; autograd's second
 derivative of ReLU and max-pool is exactly zero); double differentiation otherwise. ``"jacobian"`` or
 ``"double"`` force a form. Everything is batched over inputs.
+
+For large inputs (low-rank RANCER / RDDRS) :func:`top_eigenvectors` finds the k eigenpairs of largest ``|lambda|``
+from Hessian-vector products alone (randomized subspace iteration, Halko, Martinsson and Tropp 2011, Alg. 4.4, then
+Rayleigh-Ritz), never forming the d x d matrix. Its products differentiate twice; for a piecewise-linear network
+autograd's second derivative of ReLU and max-pool is zero, so they are the Jacobian form's ``J^T (diag(p) - p p^T) J v``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["PIECEWISE_LINEAR_MODULES", "is_piecewise_linear", "hessian_method", "loss_hessian", "hessian_basis"]
+__all__ = ["PIECEWISE_LINEAR_MODULES", "is_piecewise_linear", "hessian_method", "loss_hessian", "hessian_basis",
+           "hvp_operator", "top_eigenvectors"]
 
 #: Module types whose forward is piecewise linear in its input (in evaluation mode for batch norm / dropout).
 PIECEWISE_LINEAR_MODULES: tuple[type[nn.Module], ...] = (
@@ -170,3 +176,66 @@ def hessian_basis(model: Callable, x: torch.Tensor, method: str = "auto"
     eigenvalues, basis = torch.linalg.eigh(hess)
     basis = torch.where(finite[:, None, None], basis, eye)
     return basis, eigenvalues, finite, form
+
+
+def hvp_operator(model: Callable, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``V (B, p, d) -> H V`` for the Hessian of the cross-entropy loss at each input (label: the prediction at x).
+
+    One graph of the gradient is built once; each call back-propagates the ``p`` vectors together
+    (``is_grads_batched``). float64 out.
+    """
+    xg = x.detach().to(torch.float32).requires_grad_(True)
+    with torch.enable_grad():
+        z = model(xg)
+        labels = z.detach().argmax(dim=1)
+        loss = torch.nn.functional.cross_entropy(z, labels, reduction="sum")
+        (g,) = torch.autograd.grad(loss, xg, create_graph=True)
+    b = x.shape[0]
+    g = g.reshape(b, -1)
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        if not g.requires_grad:  # a piecewise-constant gradient: H = 0
+            return torch.zeros_like(v, dtype=torch.float64)
+        out = v.to(torch.float32).transpose(0, 1).contiguous()  # (p, B, d)
+        try:
+            (hv,) = torch.autograd.grad(g, xg, grad_outputs=out, retain_graph=True, is_grads_batched=True,
+                                        allow_unused=True)
+        except RuntimeError:  # an operation without a batching rule: one backward pass per vector
+            parts = [torch.autograd.grad(g, xg, grad_outputs=o, retain_graph=True, allow_unused=True)[0] for o in out]
+            hv = None if parts[0] is None else torch.stack(parts)
+        if hv is None:
+            return torch.zeros_like(v, dtype=torch.float64)
+        return hv.reshape(out.shape).transpose(0, 1).to(torch.float64)
+
+    return apply
+
+
+def top_eigenvectors(model: Callable, x: torch.Tensor, k: int, *, generators: Sequence[torch.Generator],
+                     iters: int = 3, oversample: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Q (B, d, k), eigenvalues (B, k), finite (B,))``: the loss Hessian's k eigenpairs of largest ``|lambda|``.
+
+    Randomized subspace iteration from a Gaussian start of ``k + oversample`` columns (input ``i``'s from
+    ``generators[i]``, so it does not depend on the batch), ``iters`` products
+    with re-orthonormalization (QR), then the Ritz pairs of ``Q^T H Q`` sorted by ``|lambda|`` (descending). ``Q``
+    has orthonormal columns (float64). An input whose products are not finite gets the first k coordinate axes
+    (``finite`` False): a valid, less tailored noise.
+    """
+    b = x.shape[0]
+    d = int(x[0].numel())
+    p = min(d, k + oversample)
+    apply = hvp_operator(model, x)
+    basis = torch.stack([torch.randn((d, p), generator=g, dtype=torch.float64, device=g.device) for g in generators]).to(x.device)
+    basis = torch.linalg.qr(basis).Q
+    for _ in range(iters):
+        basis = torch.linalg.qr(apply(basis.transpose(1, 2)).transpose(1, 2)).Q
+    hq = apply(basis.transpose(1, 2)).transpose(1, 2)  # (B, d, p)
+    small = basis.transpose(1, 2) @ hq
+    finite = torch.isfinite(small).flatten(1).all(dim=1) & torch.isfinite(basis).flatten(1).all(dim=1)
+    small = torch.where(finite[:, None, None], 0.5 * (small + small.transpose(1, 2)), torch.zeros_like(small))
+    values, vectors = torch.linalg.eigh(small)
+    order = values.abs().argsort(dim=1, descending=True, stable=True)[:, :k]
+    values = values.gather(1, order)
+    q = basis @ vectors.gather(2, order[:, None, :].expand(b, p, k))
+    q = torch.linalg.qr(q).Q  # orthonormal to float64 precision
+    axes = torch.eye(d, k, dtype=torch.float64, device=x.device).expand(b, d, k)
+    return torch.where(finite[:, None, None], q, axes), torch.where(finite[:, None], values, 0.0), finite

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from smoothcert.geometry.lowrank import LowRankEllipsoid
 from smoothcert.geometry.regions import Ball, CrossPolytope, Ellipsoid, Region
 
 __all__ = ["own_copy", "rebuild_region", "fsync_replace", "atomic_write", "IDENTITY_KEYS", "fingerprint_of",
@@ -65,6 +66,9 @@ def own_copy(region: Region) -> Region:
         return Ball(region.center.clone(), float(region.radius))
     if isinstance(region, CrossPolytope):
         return CrossPolytope(region.center.clone(), region.semi_axes.clone())
+    if isinstance(region, LowRankEllipsoid):
+        return LowRankEllipsoid(region.center.clone(), region.theta.clone(), region.basis, region.gamma.clone(),
+                                region.gap)
     return Ellipsoid(region.center.clone(), region.semi_axes.clone(), region.basis)  # type: ignore[attr-defined]
 
 
@@ -77,6 +81,9 @@ def rebuild_region(spec: dict, chunk: dict[str, torch.Tensor], index: int) -> Re
     center = chunk[f"{index}/center"].clone()
     if spec["kind"] == "ball":
         return Ball(center, float(spec["radius"]))
+    if spec["kind"] == "lowrank":
+        return LowRankEllipsoid(center, chunk[f"{index}/theta"].clone(), chunk[f"{index}/basis"].clone(),
+                                chunk[f"{index}/gamma"].clone(), float(spec["gap"]))
     axes = chunk[f"{index}/axes"].clone()
     if spec["kind"] == "l1":
         return CrossPolytope(center, axes)

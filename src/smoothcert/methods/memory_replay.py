@@ -10,6 +10,7 @@ reproducible computation (same device and settings).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,17 @@ __all__ = ["RunMemory", "same_region"]
 
 
 def same_region(a: Region, b: Region) -> bool:
-    """Are two regions the same bit for bit: same type, center, semi-axes and basis (None only with None)?"""
+    """Are two regions the same bit for bit: same type and every field equal (tensors bitwise; None only with None)?"""
     if type(a) is not type(b) or a.center.shape != b.center.shape:
         return False
-    ba, bb = getattr(a, "basis", None), getattr(b, "basis", None)
-    if (ba is None) != (bb is None):
-        return False
-    pairs = [(a.center, b.center), (a.axes, b.axes)] + ([] if ba is None else [(ba, bb)])
-    return all(torch.equal(x, y.to(x.device)) for x, y in pairs)
+    for field in fields(a):  # type: ignore[arg-type]
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if not torch.equal(x, y.to(x.device)):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or x != y:
+            return False
+    return True
 
 
 class RunMemory:

@@ -38,6 +38,14 @@ depend only on the input and the model, the certification samples are fresh.
 An input whose Hessian is not finite keeps the identity basis (ANCER's axis-aligned noise, within the same
 clipping window) and its row says ``basis = axis``.
 
+``--rancer-rank K`` (K > 0; :mod:`smoothcert.methods.lowrank_rancer`): the low-rank form for large inputs. The top-K
+eigenvectors (largest ``|lambda|``) come from Hessian-vector products (randomized subspace iteration, no d x d
+matrix), the noise is ``sigma_perp w + Q ((s - sigma_perp) * (Q^T w))`` with the K scales ``s`` and
+``sigma_perp`` optimized by the same clipped ascent (every one in the window above), and the certificate is the
+region of :class:`~smoothcert.noise.lowrank.LowRankGaussian` (O(d K) numbers, also in memory). It needs the
+isotropic start and ANCER's elementwise constraint; ``K > d`` is refused before any sampling. 0 (the default) is
+the full-matrix path, unchanged.
+
 ``--method rancer-best``: the thesis runs ANCER and RANCER and keeps the better (section 5.5, "RANCER Run
 Clarification"). Choosing between two certificates by their *certified* size would reuse the certification
 samples for a selection and void the bound; here the choice is made before certification, on a separate
@@ -56,8 +64,10 @@ import numpy as np
 import torch
 
 from smoothcert.geometry.linalg import geometric_mean
-from smoothcert.methods.hessian import METHODS as HESSIAN_METHODS, hessian_basis
+from smoothcert.methods.hessian import METHODS as HESSIAN_METHODS, hessian_basis, top_eigenvectors
+from smoothcert.methods.lowrank_rancer import optimize_lowrank
 from smoothcert.noise.gaussian import DiagonalGaussian, RotatedGaussian
+from smoothcert.noise.lowrank import LowRankGaussian
 from smoothcert.engine.sampling import sample_counts
 from smoothcert.stats.bounds import gap as normal_gap
 from smoothcert.methods.ancer import ANCER, ANCERSettings, optimize_ancer
@@ -110,6 +120,9 @@ class RANCERSettings(ANCERSettings):
     rancer_eigen_map: str = choice("curvature", EIGEN_MAPS, help="eigenvalue-to-scale map of the eigen variants: "
                                                                  "curvature = sigma sqrt(mean|lambda| / |lambda_i|); "
                                                                  "direct = |lambda_i|; then the clipping window")
+    rancer_rank: int = integer(0, low=0, help="low-rank RANCER: K > 0 keeps the top-K Hessian eigenvectors (by "
+                                              "Hessian-vector products, no d x d matrix) and one scale off them, "
+                                              "O(d K) memory per certificate; 0 = the full-matrix path")
 
 
 @dataclass(frozen=True)
@@ -148,7 +161,47 @@ class RANCER(ANCER):
                                 classes=classes, max_batch=self.opt_batch(ctx, x))
         return result, basis, finite
 
+    def check_input_shape(self, shape: tuple[int, ...]) -> None:
+        """``--rancer-rank K`` needs ``K <= d`` and the isotropic start (checked before any sampling)."""
+        super().check_input_shape(shape)
+        s, d = self.settings, int(np.prod(shape)) if shape else 1
+        if not s.rancer_rank:
+            return
+        if s.rancer_rank > d:
+            raise ValueError(f"rancer_rank (--rancer-rank) must be 0 (the full-matrix path) or an integer in "
+                             f"[1, d = {d}] (the input's dimension), got {s.rancer_rank}")
+        if s.rancer_scales != "isotropic" or s.ancer_constraint != "elementwise" or self.name != "rancer":
+            raise ValueError(f"rancer_rank (--rancer-rank) > 0 needs --method rancer with --rancer-scales isotropic "
+                             f"and --ancer-constraint elementwise, got --method {self.name}, --rancer-scales "
+                             f"{s.rancer_scales}, --ancer-constraint {s.ancer_constraint}")
+
+    def choose_lowrank(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
+        """DDS, the top-K eigenvectors (:func:`~smoothcert.methods.lowrank_rancer.top_eigenvectors`), then the
+        clipped ascent on ``(s_1..s_K, sigma_perp)``; the noise is a :class:`LowRankGaussian`."""
+        s, k = self.settings, self.settings.rancer_rank
+        iso = self.dds_stage(ctx, x, indices)
+        basis, _, finite = top_eigenvectors(ctx.model, x, k, generators=ctx.generators(indices, "hessian-lowrank"))
+        scale = iso.params.reshape(-1)
+        result = optimize_lowrank(ctx.model, x, scale, basis, generators=ctx.generators(indices, "optimize-rancer"),
+                                  lower=scale * (1 - s.rancer_lambda1), upper=scale * (1 + s.rancer_lambda2),
+                                  steps=s.ancer_steps, lr=s.ancer_lr, samples=s.opt_samples, kappa=s.kappa,
+                                  gap=s.opt_gap, classes=iso.classes, max_batch=self.opt_batch(ctx, x))
+        choices = []
+        for i in range(x.shape[0]):
+            if fallback_reason(i, iso, result):
+                choices.append(Choice(self.base_noise(), {"basis": "none"}, fallback_reason(i, iso, result)))
+                continue
+            params = result.params[i].double()
+            perp = params[k]
+            noise = LowRankGaussian(perp, basis[i], params[:k] / perp - 1.0)
+            extra = {"basis": "hessian-lowrank" if bool(finite[i]) else "axis", "scale_iso": float(iso.params[i])}
+            choices.append(Choice(noise, extra))
+        return choices
+
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
+        if self.settings.rancer_rank:
+            self.check_input_shape(tuple(x.shape[1:]))
+            return self.choose_lowrank(ctx, x, indices)
         iso = self.dds_stage(ctx, x, indices) if self.settings.rancer_scales == "isotropic" else None
         result, basis, finite_basis = self.optimize_rotated(ctx, x, indices, iso)
         stages = (result,) if iso is None else (iso, result)
@@ -184,6 +237,7 @@ class RANCERBest(RANCER):
         return np.asarray(normal_gap(p_hat)) * geo
 
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
+        self.check_input_shape(tuple(x.shape[1:]))
         iso, axis = self.optimize(ctx, x, indices)
         start = iso if self.settings.rancer_scales == "isotropic" else None  # the RANCER candidate's scales
         rotated, basis, finite_basis = self.optimize_rotated(ctx, x, indices, start)

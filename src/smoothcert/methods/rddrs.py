@@ -25,6 +25,11 @@ Defaults: ``kappa = 1e-6``, ``gamma = 1``, 100 steps (seed 003 section 4), and `
 Carlo samples per step for the gradient of ``G`` - the paper uses 20,000; fewer samples make each step ~20x
 cheaper and the ascent noisier (the trade-off is measured by ``benchmarks/optimization.py``). For MNIST (d = 784)
 each input carries a 784 x 784 matrix: two eigen-decompositions per step, slow on a CPU but exact.
+
+``--rddrs-rank K`` (K > 0) runs the same ascent on the family ``diag(theta) (I - Q Q^T + Q M Q^T)`` with ``Q`` the
+top-K Hessian eigenvectors and ``M`` a K x K SPD block (:mod:`smoothcert.methods.lowrank_rddrs`): O(d K) numbers
+per input and per certificate (:class:`~smoothcert.noise.lowrank.LowRankGaussian`), for CIFAR-sized inputs.
+0 (the default) is the full path, unchanged.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ import torch
 
 from smoothcert.geometry.linalg import geometric_mean
 from smoothcert.noise.gaussian import FullGaussian, IsotropicGaussian
+from smoothcert.noise.lowrank import LowRankGaussian
 from smoothcert.methods.base import RunContext
+from smoothcert.methods.hessian import top_eigenvectors
+from smoothcert.methods.lowrank_rddrs import optimize_rddrs_lowrank, split_params
 from smoothcert.methods.datadependent import Choice, DataDependentMethod, DataDependentSettings, norm_setting
 from smoothcert.methods.optimize import (FailureLog, OptimizationResult, check_optimizer_arguments, class_slots,
                                          classes_of, fallback_reason, finish_optimization, mean_probs,
@@ -193,6 +201,9 @@ class RDDRSSettings(DataDependentSettings):
     rddrs_samples: int = integer(1000, low=1, help="Monte Carlo samples per step for the gradient of G "
                                                    "(the paper: 20000)")
     rddrs_kappa: float = number(1e-6, low=0.0, help="weight of the min-eigenvalue term")
+    rddrs_rank: int = integer(0, low=0, help="low-rank RDDRS: K > 0 moves diag(theta) and a K x K SPD block in the "
+                                             "top-K Hessian eigenvectors, O(d K) memory per certificate; 0 = the "
+                                             "full d x d path")
 
 
 class RDDRS(DataDependentMethod):
@@ -202,8 +213,40 @@ class RDDRS(DataDependentMethod):
     settings_type = RDDRSSettings
     keywords = {**DataDependentMethod.keywords, "steps": "rddrs_steps", "lr": "rddrs_lr", "kappa": "rddrs_kappa"}
 
+    def check_input_shape(self, shape: tuple[int, ...]) -> None:
+        """``--rddrs-rank K`` needs ``K <= d`` (checked before any sampling)."""
+        super().check_input_shape(shape)
+        d = int(torch.tensor(shape).prod()) if shape else 1
+        if self.settings.rddrs_rank > d:
+            raise ValueError(f"rddrs_rank (--rddrs-rank) must be 0 (the full-matrix path) or an integer in "
+                             f"[1, d = {d}] (the input's dimension), got {self.settings.rddrs_rank}")
+
+    def choose_lowrank(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
+        """DDS, the top-K eigenvectors, the low-rank Riemannian ascent (:mod:`smoothcert.methods.lowrank_rddrs`)."""
+        s, k, d = self.settings, self.settings.rddrs_rank, int(x[0].numel())
+        iso = self.dds_stage(ctx, x, indices)
+        floor = torch.where(iso.finite, iso.params, torch.full_like(iso.params, self.sigma)).double()
+        basis, _, finite = top_eigenvectors(ctx.model, x, k, generators=ctx.generators(indices, "hessian-lowrank"))
+        result = optimize_rddrs_lowrank(ctx.model, x, floor, basis, generators=ctx.generators(indices, "optimize-rddrs"),
+                                        steps=s.rddrs_steps, lr=s.rddrs_lr, samples=s.rddrs_samples,
+                                        kappa=s.rddrs_kappa, gap=s.opt_gap, classes=iso.classes,
+                                        max_batch=self.opt_batch(ctx, x, s.rddrs_samples))
+        theta, m = split_params(result.params, d, k)
+        choices = []
+        for i in range(x.shape[0]):
+            if fallback_reason(i, iso, result):
+                choices.append(Choice(self.base_noise(), {}, fallback_reason(i, iso, result)))
+                continue
+            ev, rot = torch.linalg.eigh(0.5 * (m[i] + m[i].T))
+            noise = LowRankGaussian(theta[i], basis[i] @ rot, ev - 1.0)
+            choices.append(Choice(noise, {"scale_iso": float(iso.params[i])}))
+        return choices
+
     def choose(self, ctx: RunContext, x: torch.Tensor, indices: Sequence[int]) -> list[Choice]:
         s = self.settings
+        if s.rddrs_rank:
+            self.check_input_shape(tuple(x.shape[1:]))
+            return self.choose_lowrank(ctx, x, indices)
         iso = self.dds_stage(ctx, x, indices)
         floor = torch.where(iso.finite, iso.params, torch.full_like(iso.params, self.sigma)).double()
         result = optimize_rddrs(ctx.model, x, floor, generators=ctx.generators(indices, "optimize-rddrs"),

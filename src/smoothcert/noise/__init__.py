@@ -6,7 +6,8 @@ from smoothcert.noise.laplace import Laplace, laplace_l1_radius
 from smoothcert.noise.uniform import UniformDiagonal, uniform_l1_radius, uniform_linf_radius, uniform_tv
 from smoothcert.noise.families import FAMILIES, family_noise
 from smoothcert.noise.discrete import DiscretizedGaussian
+from smoothcert.noise.lowrank import LowRankGaussian
 
 __all__ = ["Noise", "noise_from_parameters", "IsotropicGaussian", "DiagonalGaussian", "RotatedGaussian",
            "FullGaussian", "UniformDiagonal", "uniform_tv", "Laplace", "laplace_l1_radius", "uniform_l1_radius",
-           "uniform_linf_radius", "FAMILIES", "family_noise", "DiscretizedGaussian"]
+           "uniform_linf_radius", "FAMILIES", "family_noise", "DiscretizedGaussian", "LowRankGaussian"]
