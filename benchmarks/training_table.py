@@ -113,11 +113,11 @@ def methods(sigma: float, epochs: int) -> list[Method]:
         Method("SmoothAdv", "smoothadv", "smoothadv", {"epsilon": 0.5, "steps": 10, "m": 4, "warmup": quarter}),
         Method("SmoothMix", "smoothmix", "smoothmix",
                {"m": 4, "steps": 2 if sigma <= 0.25 else 4, "step_size": 1.0, "eta": 5.0, "warmup": quarter}),
-        Method("CAT-RS (one-hot q, from scratch)", "cat-rs", "cat-rs", catrs),
         Method("CAT-RS (teacher q, from scratch, batch 32: published)", "cat-rs-teacher", "cat-rs",
                {**catrs, "teacher_samples": 32}, teacher="gaussian", batch_size=32),
         Method("CAT-RS (teacher q, warm start from Gaussian, batch 32)", "cat-rs-warm", "cat-rs",
                {**catrs, "teacher_samples": 32}, teacher="gaussian", init="gaussian", batch_size=32),
+        Method("CAT-RS (one-hot q, from scratch)", "cat-rs", "cat-rs", catrs),
         Method("Ensemble (m=3) of Gaussian", "gaussian", "gaussian", seeds=(0, 1, 2)),
     ]
 
