@@ -29,7 +29,14 @@ Settings (documented choices for short MNIST runs):
 - SmoothMix: the public MNIST settings (jh-jeong/smoothmix EXPERIMENTS.MD): m = 4, step 1.0, eta 5.0, T = 2 steps
   at sigma 0.25 and 4 at 0.5, eta warm-up over the first quarter of the epochs (10 of 90 in the public runs);
 - CAT-RS: the public defaults (alinlab/smoothing-catrs train_catrs.py): m = 4, epsilon 1.0, 4 steps, lbd 1.0
-  (the public MNIST model at sigma 0.25 uses lbd 1.0), with the one-hot label as the KL target.
+  (the public MNIST model at sigma 0.25 uses lbd 1.0), in three rows:
+  (a) the one-hot label as the KL target, from scratch, batch 128 like the other rows;
+  (b) as published: the KL target q is the smoothed prediction of a Gaussian-trained model (here the Gaussian
+      row's model at the same sigma; class frequencies over 32 fresh noisy copies per input and step), trained from
+      scratch with batches of 128 / m = 32 inputs x m copies (the public code splits each batch of 128 into m
+      mini-batches, one SGD step each);
+  (c) as (b), warm-started from the Gaussian row's model (``smoothcert train --init``): its training seconds do not
+      count the Gaussian row's.
 
 Everything is written under ``--out`` as it goes and a second run resumes: training continues from each model's
 last epoch, certification from its last complete row, and the table (``OUT/table.md``) is rewritten after each
@@ -81,12 +88,16 @@ class Method:
     pca: float | None = None
     seeds: tuple[int, ...] = (0,)
     clip: float | None = None
+    batch_size: int = 128
+    init: str | None = None        # slug of the model (same sigma, seed 0) to warm-start from
+    teacher: str | None = None     # slug of the model (same sigma, seed 0) whose smoothed prediction is CAT-RS's q
 
 
 def methods(sigma: float, epochs: int) -> list[Method]:
     quarter = max(1, epochs // 4)
     lbd = 10.0 if sigma <= 0.25 else 20.0
     cons = {"m": 4, "lbd": lbd, "eta": 0.5}
+    catrs = {"m": 4, "epsilon": 1.0, "steps": 4, "lbd": 1.0}
     return [
         Method("Gaussian", "gaussian", "gaussian"),
         Method("Gaussian + PCA", "gaussian-pca", "gaussian", pca=0.2),
@@ -102,7 +113,11 @@ def methods(sigma: float, epochs: int) -> list[Method]:
         Method("SmoothAdv", "smoothadv", "smoothadv", {"epsilon": 0.5, "steps": 10, "m": 4, "warmup": quarter}),
         Method("SmoothMix", "smoothmix", "smoothmix",
                {"m": 4, "steps": 2 if sigma <= 0.25 else 4, "step_size": 1.0, "eta": 5.0, "warmup": quarter}),
-        Method("CAT-RS", "cat-rs", "cat-rs", {"m": 4, "epsilon": 1.0, "steps": 4, "lbd": 1.0}),
+        Method("CAT-RS (teacher q, from scratch, batch 32: published)", "cat-rs-teacher", "cat-rs",
+               {**catrs, "teacher_samples": 32}, teacher="gaussian", batch_size=32),
+        Method("CAT-RS (teacher q, warm start from Gaussian, batch 32)", "cat-rs-warm", "cat-rs",
+               {**catrs, "teacher_samples": 32}, teacher="gaussian", init="gaussian", batch_size=32),
+        Method("CAT-RS (one-hot q, from scratch)", "cat-rs", "cat-rs", catrs),
         Method("Ensemble (m=3) of Gaussian", "gaussian", "gaussian", seeds=(0, 1, 2)),
     ]
 
@@ -119,10 +134,19 @@ def member_model(method: Method, seed: int, sigma: float, train_set) -> tuple[to
     return model, config
 
 
-def training_settings(method: Method) -> dict:
-    """The settings every method shares (SGD, lr 0.05, cosine, batch 128), with its objective and clipping."""
-    return dict(objective=make_objective(method.objective, **method.hyper), batch_size=128, lr=0.05,
-                schedule="cosine", clip_grad_norm=method.clip)
+def stem_of(root: Path, sigma: float, slug: str, seed: int = 0) -> Path:
+    return root / f"sigma{sigma:g}" / f"{slug}-seed{seed}"
+
+
+def training_settings(method: Method, root: Path | None = None, sigma: float | None = None) -> dict:
+    """The settings every method shares (SGD, lr 0.05, cosine), with its objective, batch size, clipping and, under
+    ``root`` at ``sigma``, its teacher and initial weights."""
+    hyper = dict(method.hyper)
+    if method.teacher is not None:
+        hyper["teacher"] = str(stem_of(root, sigma, method.teacher))
+    init = str(stem_of(root, sigma, method.init)) if method.init is not None else None
+    return dict(objective=make_objective(method.objective, **hyper), batch_size=method.batch_size, lr=0.05,
+                schedule="cosine", clip_grad_norm=method.clip, init=init)
 
 
 def epoch_seconds(args, train_set, device) -> str:
@@ -131,7 +155,7 @@ def epoch_seconds(args, train_set, device) -> str:
     augmentation: the training cost measured in one run, on whatever else the machine is doing alike. MACER's
     first epoch defers its hinge (forward cost unchanged); SmoothAdv's attack runs every step."""
     sigma = args.sigmas[0]
-    members = [m for m in methods(sigma, args.epochs) if len(m.seeds) == 1]
+    members = [m for m in methods(sigma, args.epochs) if len(m.seeds) == 1 and m.teacher is None and m.init is None]
     seconds: dict[str, list[float]] = {m.label: [] for m in members}
     for _ in range(args.timing_rounds):
         for method in members:
@@ -153,10 +177,11 @@ def train_member(method: Method, seed: int, sigma: float, args, train_set, val_s
                  ) -> tuple[Path, float, float]:
     """Train (or resume, or skip when done) one model; return its checkpoint stem, training seconds and the median
     seconds per epoch."""
-    stem = args.out / f"sigma{sigma:g}" / f"{method.slug}-seed{seed}"
+    stem = stem_of(args.out, sigma, method.slug, seed)
     model, config = member_model(method, seed, sigma, train_set)
     history = train(model, train_set, sigma=sigma, epochs=args.epochs, seed=seed, out=stem, val_set=val_set,
-                    resume=True, progress=args.progress, device=device, config=config, **training_settings(method))
+                    resume=True, progress=args.progress, device=device, config=config,
+                    **training_settings(method, args.out, sigma))
     last = history[-1]
     print(f"  {stem.name}: {len(history)} epochs, loss {last['loss']:.3f}, val noisy acc {last['val_noisy_acc']:.3f}",
           flush=True)

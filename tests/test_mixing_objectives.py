@@ -14,7 +14,7 @@ from torch import nn
 from smoothcert.training.mixing_objectives import CATRS, SmoothMix
 from smoothcert.training.objectives import Macer, make_objective, standard_noise
 
-from test_objectives import (B, K, SIGMA, Recorder, assert_same, batch, grads, naive_probs, noise, ppf, softmax,
+from test_objectives import (B, D, K, SIGMA, Recorder, assert_same, batch, grads, naive_probs, noise, ppf, softmax,
                              tiny_model)
 
 
@@ -215,3 +215,84 @@ def test_macer_threshold_stops_the_gradient_of_saturated_inputs():
 def test_bad_hyperparameters_of_the_new_options_raise(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_objective(name, **kwargs)
+
+
+def kl(q, p):
+    """``KL(q || p)`` written out, ``0 log 0 = 0``."""
+    return sum(float(q[c]) * (math.log(float(q[c])) - torch.log(p[c])) for c in range(K) if q[c] > 0)
+
+
+def naive_catrs_noise_kl(model, x_i, q_i, delta0, epsilon, steps, m):
+    """CAT-RS's attack on one noise vector against the target distribution ``q_i`` (the public KL-PGD)."""
+    mu0, rms0 = delta0.mean(), delta0.square().mean().sqrt()
+    current = delta0.clone()
+    for _ in range(steps):
+        current = current.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(kl(q_i, softmax(model((x_i + current)[None])[0])) / m, current)
+        with torch.no_grad():
+            moved = current + 2 * epsilon / steps * grad / (grad.norm() + 1e-8)
+            eta = moved - delta0
+            if eta.norm() > epsilon:
+                eta = eta * (epsilon / eta.norm())
+            moved = delta0 + eta
+            current = mu0 + (moved - moved.mean()) / moved.square().mean().sqrt() * rms0
+    return current.detach()
+
+
+@pytest.mark.parametrize("confidence", ["model", "teacher"])
+def test_catrs_with_a_teacher_matches_per_sample_kl_to_its_class_frequencies(confidence):
+    model, (x, _) = tiny_model(), batch()
+    teacher = tiny_model(seed=4)
+    with torch.no_grad():
+        teacher[0].weight.mul_(10.0)                                 # votes that the noise splits: a soft q
+    m, epsilon, steps, lbd, n = 4, 0.6, 3, 2.0, 9
+    w = noise(m)
+    y = labels_half_right(model, x, w)
+    objective = CATRS(m=m, epsilon=epsilon, steps=steps, lbd=lbd, teacher_samples=n)
+    objective.teacher = teacher
+    if confidence == "teacher":
+        objective.settings = type(objective.settings)(**{**objective.settings.to_dict(), "confidence": "teacher"})
+    loss, _ = objective.loss(model, x, y, SIGMA, generator=torch.Generator().manual_seed(11), noise=w)
+    g = torch.Generator().manual_seed(11)
+    u = torch.rand((B, m), generator=g).double()                    # the uniforms, then the teacher's draws
+    v = torch.randn((B, n, D), generator=g)
+    terms, counts, soft = [], [], False
+    for i in range(B):
+        votes = [int(teacher((x[i] + SIGMA * v[i, j].double())[None])[0].argmax()) for j in range(n)]
+        q = torch.tensor([votes.count(c) / n for c in range(K)], dtype=torch.float64)
+        soft |= bool(q.max() < 1)
+        probs, logits = naive_probs(model, x, y, w, i)
+        ce = torch.stack([-torch.log(p[y[i]]) for p in probs])
+        c = float(q[y[i]]) if confidence == "teacher" else sum(int(z.argmax()) == int(y[i]) for z in logits) / m
+        accept = max(1, int((u[i] < c).sum()))
+        counts.append(accept)
+        term = torch.sort(ce).values[:accept].sum() / m
+        if accept == m:
+            worst = [naive_catrs_noise_kl(model, x[i], q, SIGMA * w[i, j].double(), epsilon, steps, m)
+                     for j in range(m)]
+            adv = torch.stack([kl(q, softmax(model((x[i] + d)[None])[0])) for d in worst])
+            clean = torch.stack([kl(q, p) for p in probs])
+            assert all(float(a) >= float(b) - 1e-12 for a, b in zip(adv.detach(), clean.detach()))
+            term = term + lbd * adv.max()
+        terms.append(term)
+    assert m in counts and min(counts) < m and soft, counts         # both branches, a target that is not one-hot
+    assert_same(model, loss, torch.stack(terms).mean())
+
+
+def test_catrs_teacher_from_a_checkpoint_and_bad_teachers(tmp_path):
+    from smoothcert.models.architectures import build_model
+    from smoothcert.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    saved = build_model("mlp", num_classes=K, input_shape=(D,), hidden=(8,), mean=0.5, std=0.25)
+    path = save_checkpoint(tmp_path / "teacher", saved)
+    objective = CATRS(m=2, steps=1, teacher=path)
+    x, _ = batch()
+    assert torch.equal(objective.teacher(x.float()), saved.eval()(x.float()))
+    assert all(not p.requires_grad for p in objective.teacher.parameters())
+    with pytest.raises(ValueError, match=r"teacher \(--catrs-teacher\) must be a saved checkpoint"):
+        CATRS(teacher=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match=r"confidence \(--catrs-confidence\) 'teacher' needs a teacher"):
+        CATRS(confidence="teacher")
+    with pytest.raises(ValueError, match="teacher_samples|teacher-samples"):
+        CATRS(teacher_samples=0)

@@ -136,7 +136,12 @@ def test_train_options_map_onto_the_objectives_settings():
                                                         "--smoothmix-step-size", "0.5"]))
     assert mix.config() == {"objective": "smoothmix", "m": 4, "steps": 2, "step_size": 0.5, "eta": 1.0, "warmup": 10}
     cat = objective_from_args(parser.parse_args(base + ["--objective", "cat-rs", "--lbd", "0.5", "--epsilon", "0.5"]))
-    assert cat.config() == {"objective": "cat-rs", "m": 4, "epsilon": 0.5, "steps": 4, "lbd": 0.5}
+    assert cat.config() == {"objective": "cat-rs", "m": 4, "epsilon": 0.5, "steps": 4, "lbd": 0.5, "teacher": None,
+                            "teacher_samples": 32, "confidence": "model"}
+    with pytest.raises(ValueError, match=r"^teacher_samples \(--teacher-samples\) must be"):
+        objective_from_args(parser.parse_args(base + ["--objective", "cat-rs", "--teacher-samples", "0"]))
+    with pytest.raises(ValueError, match=r"^confidence \(--catrs-confidence\) 'teacher' needs a teacher"):
+        objective_from_args(parser.parse_args(base + ["--objective", "cat-rs", "--catrs-confidence", "teacher"]))
     with pytest.raises(ValueError, match="takes no hyperparameter"):
         objective_from_args(parser.parse_args(base + ["--objective", "cat-rs", "--macer-threshold", "0.9"]))
     adv = objective_from_args(parser.parse_args(base + ["--objective", "smoothadv", "--pgd-steps", "3"]))

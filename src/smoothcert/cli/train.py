@@ -77,6 +77,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--out", required=True, help="path prefix of the checkpoint (.safetensors/.json), "
                         "log (.train.tsv) and resume state (.state.pt)")
     parser.add_argument("--resume", action="store_true", help="continue the run at --out after its last epoch")
+    parser.add_argument("--init", default=None, metavar="CHECKPOINT",
+                        help="warm start: begin from this checkpoint's weights (same architecture and input shape, "
+                             "e.g. a Gaussian-trained model before CAT-RS) instead of fresh seeded ones; recorded "
+                             "in the checkpoint's JSON")
     parser.add_argument("--pca-fraction", type=float, default=None,
                         help="put a PCA projection first in the model, keeping components with variance above "
                              "this fraction of sigma^2 (seed 002: 0.2; ablation 0.1)")
@@ -150,7 +154,7 @@ def run_train(args: argparse.Namespace) -> int:
           lr=args.lr, seed=args.seed, out=args.out, val_set=val_set, schedule=args.schedule,
           milestones=args.milestones, optimizer=args.optimizer, momentum=args.momentum,
           weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm, resume=args.resume,
-          progress=not args.no_progress, device=device, config=config, noise=args.noise)
+          progress=not args.no_progress, device=device, config=config, noise=args.noise, init=args.init)
     print(f"saved {paths['prefix']}.safetensors, log {paths['log']}")
     return 0
 

@@ -10,6 +10,10 @@ on a validation set, and writes as it goes:
 - ``{out}.state.pt``: what resuming needs (model, optimizer state, epoch, history), loaded with
   ``weights_only=True``.
 
+``init`` warm-starts a run from a saved checkpoint of the same architecture and input shape (:func:`warm_start`):
+its weights replace the fresh ones before the first epoch, and its path and a digest of its weights are recorded
+with the training settings (so a resumed run must name the same initial weights).
+
 Randomness is a pure function of ``(seed, epoch)`` (streams of :func:`smoothcert.sampling.input_generator`
 with the epoch as index): the shuffle, the training noise, the validation noise and
 torch's global generator (dropout) are reseeded from them at each epoch (inside ``fork_rng``, so the caller's
@@ -20,6 +24,7 @@ same weights, and a run resumed after epoch ``e`` continues exactly as if it had
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import time
@@ -35,7 +40,7 @@ from smoothcert.progress import progress as progress_reporter
 from smoothcert.noise.families import family, unit_draws
 from smoothcert.validation import check_count, check_positive
 
-__all__ = ["train", "noisy_accuracy", "learning_rate", "LOG_COLUMNS",
+__all__ = ["train", "noisy_accuracy", "learning_rate", "warm_start", "weights_digest", "LOG_COLUMNS",
            "SCHEDULES", "OPTIMIZERS"]
 
 LOG_COLUMNS = ("epoch", "loss", "train_acc", "val_noisy_acc", "lr", "seconds")
@@ -140,10 +145,59 @@ def train_paths(out: str | os.PathLike) -> dict[str, Path]:
             "state": prefix.with_name(prefix.name + ".state.pt")}
 
 
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``model``'s state dict (in its order)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _describe(arch: Any, shape: Any, classes: Any) -> str:
+    return f"arch {arch}, input shape {list(shape) if shape is not None else None}, {classes} classes"
+
+
+def warm_start(model: nn.Module, init: str | os.PathLike, *, load: bool = True) -> dict[str, str]:
+    """Copy the weights of the checkpoint ``init`` into ``model`` (``load=False``: only check that they fit).
+
+    The checkpoint (:func:`smoothcert.models.checkpoint.load_checkpoint`) must describe the same architecture,
+    input shape and number of classes as ``model`` and its state dict must have the same names and shapes;
+    otherwise ``ValueError`` (``init (--init) must be ...``) before anything is changed. Returns the record
+    saved with the training settings: ``{"path": init, "sha256": weights_digest(source)}``.
+    """
+    from smoothcert.models.architectures import model_spec
+    from smoothcert.models.checkpoint import load_checkpoint
+
+    what = "init (--init) must be a saved checkpoint of the model being trained"
+    try:
+        source, config = load_checkpoint(init)
+    except ValueError as err:
+        raise ValueError(f"{what}, got {os.fspath(init)!r}: {err}") from err
+    spec = model_spec(model) or {}
+    kwargs = spec.get("arch_kwargs") or {}
+    mine = (spec.get("arch"), getattr(model, "input_shape", None) or kwargs.get("input_shape"),
+            getattr(model, "num_classes", None) or kwargs.get("num_classes"))
+    theirs = (config.get("arch"), config.get("input_shape"), config.get("num_classes"))
+    differ = [i for i in range(3) if mine[i] is not None
+              and (list(mine[i]) != list(theirs[i]) if i == 1 else mine[i] != theirs[i])]
+    target, state = model.state_dict(), source.state_dict()
+    wrong = sorted(set(target) ^ set(state)) + [k for k in target if k in state and target[k].shape != state[k].shape]
+    if differ or wrong:
+        detail = f" (weights that differ: {', '.join(wrong[:5])})" if wrong and not differ else ""
+        raise ValueError(f"{what} ({_describe(*mine)}), got {os.fspath(init)!r} with {_describe(*theirs)}{detail}")
+    if load:
+        with torch.no_grad():
+            for name, tensor in target.items():
+                tensor.copy_(state[name])
+    return {"path": os.fspath(init), "sha256": weights_digest(source)}
+
+
 #: training settings that must agree between a run and its resumption
 _RESUME_KEYS = ("objective", "sigma", "seed", "batch_size", "lr", "schedule", "optimizer", "milestones",
-                "momentum", "weight_decay", "clip_grad_norm", "noise")
-_RESUME_DEFAULTS = {"noise": "gaussian"}  # what a run saved before the setting existed used
+                "momentum", "weight_decay", "clip_grad_norm", "noise", "init")
+_RESUME_DEFAULTS = {"noise": "gaussian", "init": None}  # what a run saved before the setting existed used
 
 
 def train(
@@ -169,6 +223,7 @@ def train(
     device: torch.device | str | None = None,
     config: dict[str, Any] | None = None,
     noise: str = "gaussian",
+    init: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place under ``objective`` at noise level ``sigma``; return the per-epoch history.
 
@@ -186,7 +241,9 @@ def train(
     :data:`LOG_COLUMNS`. ``noise`` names the noise family (:data:`smoothcert.noise.families.FAMILIES`) the
     objective sees: ``x + sigma w`` with ``w`` of that family at standard deviation 1 (``sigma`` is the
     per-coordinate standard deviation for every family), drawn here and handed to the objective; Gaussian draws
-    are exactly the ones the objectives draw themselves.
+    are exactly the ones the objectives draw themselves. ``init`` names a checkpoint of the same architecture and
+    input shape whose weights replace ``model``'s before the first epoch (:func:`warm_start`; a resumed run
+    loads its saved state instead, after checking that ``init`` still fits and is the one it started from).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -207,6 +264,8 @@ def train(
         raise ValueError("resume=True needs out, the path prefix of the run to resume")
     objective = make_objective(objective)
     device = torch.device(device) if device is not None else _model_device(model)
+    resuming = resume and train_paths(out)["state"].is_file()
+    started_from = warm_start(model, init, load=not resuming) if init is not None else None
     model.to(device)
 
     if optimizer == "sgd":
@@ -217,11 +276,11 @@ def train(
                 "seed": seed, "batch_size": batch_size, "lr": lr, "schedule": schedule,
                 "milestones": list(milestones) if milestones is not None else None, "optimizer": optimizer,
                 "momentum": momentum, "weight_decay": weight_decay, "clip_grad_norm": clip_grad_norm,
-                "epochs": epochs, "noise": noise}
+                "epochs": epochs, "noise": noise, "init": started_from}
     paths = train_paths(out) if out is not None else None
     history: list[dict[str, Any]] = []
     start = 0
-    if resume and paths["state"].is_file():
+    if resuming:
         state = torch.load(paths["state"], map_location=device, weights_only=True)
         saved = state["settings"]
         differ = [k for k in _RESUME_KEYS if saved.get(k, _RESUME_DEFAULTS.get(k)) != settings.get(k)]
