@@ -17,7 +17,7 @@ product manifold ``Diag+(d) x SPD(k)``, each factor with its affine-invariant me
 * subspace part: ``M <- M^1/2 expm(t M^1/2 sym(dH/dM) M^1/2) M^1/2`` (eq. 6 in k x k);
 
 and the step ``t = lr`` is shortened so that no log-factor exceeds ``max_log_step`` (the full path's trust region,
-:data:`~smoothcert.methods.rddrs.RDDRS_MAX_LOG_STEP`, over both parts at once). After each step ``theta >= sigma*``
+:data:`~smoothcert.methods.optimize.RDDRS_MAX_LOG_STEP`, over both parts at once). After each step ``theta >= sigma*``
 and ``eig(M) >= 1``, so every singular value of ``A`` stays ``>= sigma*`` (the full path's floor).
 """
 
@@ -28,9 +28,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from smoothcert.noise.gaussian import IsotropicGaussian
-from smoothcert.methods.optimize import (FailureLog, OptimizationResult, check_optimizer_arguments, class_slots,
-                                         classes_of, finish_optimization, mean_probs, objective_and_gradient,
-                                         objective_gap, started_gap)
+from smoothcert.methods.optimize import (RDDRS_MAX_LOG_STEP, FailureLog, OptimizationResult,
+                                         check_optimizer_arguments, class_slots, classes_of, finish_optimization,
+                                         mean_probs, objective_and_gradient, objective_gap, started_gap)
 
 __all__ = ["optimize_rddrs_lowrank", "split_params"]
 
@@ -58,7 +58,7 @@ def optimize_rddrs_lowrank(
     gap: str = "pa",
     classes: torch.Tensor | None = None,
     max_batch: int | None = None,
-    max_log_step: float = 0.1,
+    max_log_step: float = RDDRS_MAX_LOG_STEP,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> OptimizationResult:
     """The ascent above for every input of ``x``; returns (B, d + k^2) float64 ``(theta, M)`` (:func:`split_params`).

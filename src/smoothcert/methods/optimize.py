@@ -32,7 +32,7 @@ from smoothcert.noise.uniform import UniformDiagonal
 from smoothcert.validation import check_count, check_number, check_positive
 
 __all__ = [
-    "FAMILIES", "GAPS", "CLAMP", "MAX_LOG_STEP", "NotDifferentiable", "check_optimizer_arguments",
+    "FAMILIES", "GAPS", "CLAMP", "MAX_LOG_STEP", "RDDRS_MAX_LOG_STEP", "NotDifferentiable", "check_optimizer_arguments",
     "OptimizationResult", "FailureLog", "noise_family", "standard_draws", "objective_gap", "started_gap",
     "objective_and_gradient", "mean_probs", "class_slots", "classes_of", "finish_optimization", "rows_finite",
     "expand_rows", "cpu_pass_size", "CPU_PASS_VALUES", "optimize_dds", "fallback_reason",
@@ -49,6 +49,8 @@ CLAMP = (0.001, 0.999)
 #: Trust region of DDS's log-scale steps: one step changes sigma by at most ``exp(MAX_LOG_STEP)``. Published-size
 #: steps stay below it (the first step from sigma_0 = 0.25 at the clamp is lr * Phi^-1(0.999) / 0.25 = 0.49).
 MAX_LOG_STEP = 0.5
+#: One RDDRS ascent step (full or low-rank) stretches ``C`` by at most ``exp(RDDRS_MAX_LOG_STEP)`` in any direction.
+RDDRS_MAX_LOG_STEP = 0.1
 
 #: ``perturb(w_rows, rows)``: standard draws (n, m, ...) of the inputs ``rows`` -> their perturbations.
 Perturb = Callable[[torch.Tensor, slice], torch.Tensor]

@@ -46,9 +46,10 @@ from smoothcert.methods.base import RunContext
 from smoothcert.methods.hessian import top_eigenvectors
 from smoothcert.methods.lowrank_rddrs import optimize_rddrs_lowrank, split_params
 from smoothcert.methods.datadependent import Choice, DataDependentMethod, DataDependentSettings, norm_setting
-from smoothcert.methods.optimize import (FailureLog, OptimizationResult, check_optimizer_arguments, class_slots,
-                                         classes_of, fallback_reason, finish_optimization, mean_probs,
-                                         objective_and_gradient, objective_gap, started_gap)
+from smoothcert.methods.optimize import (RDDRS_MAX_LOG_STEP, FailureLog, OptimizationResult,
+                                         check_optimizer_arguments, class_slots, classes_of, fallback_reason,
+                                         finish_optimization, mean_probs, objective_and_gradient, objective_gap,
+                                         started_gap)
 from smoothcert.settings import integer, number
 
 __all__ = ["optimize_rddrs", "spd_exp", "RDDRS", "RDDRSSettings"]
@@ -79,8 +80,6 @@ def spd_exp(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 #: per matrix: at d = 784 (4.9 MB a matrix) one input at a time, where a batch of 8 (39 MB per temporary, beyond the
 #: processor's cache and the allocator's reuse) ran the step's elementwise work 10x slower; at d = 64, 256 inputs.
 MATRIX_GROUP_BYTES = 8 * 2**20
-#: One ascent step stretches ``C`` by at most ``exp(RDDRS_MAX_LOG_STEP)`` along any direction (:func:`_ascent_step`).
-RDDRS_MAX_LOG_STEP = 0.1
 
 
 def _ascent_step(values, vectors, grad, r, geo, low, low_index, floor, failures, rows, step, lr: float,
