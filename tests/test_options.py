@@ -128,10 +128,9 @@ def test_train_options_map_onto_the_objectives_settings():
         with pytest.raises(ValueError, match=r"^threshold \(--macer-threshold\) must be"):
             objective_from_args(parser.parse_args(base + ["--objective", "macer", "--macer-threshold", bad]))
     gen = objective_from_args(parser.parse_args(base + ["--objective", "generalized-consistency"]))
-    assert gen.settings.gate == "logits"
-    gen = objective_from_args(parser.parse_args(base + ["--objective", "generalized-consistency",
-                                                        "--consistency-gate", "softmax"]))
-    assert gen.settings.gate == "softmax"
+    assert gen.config() == {"objective": "generalized-consistency", "m": 2, "lbd": 10.0, "eta": 0.5}
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--objective", "generalized-consistency", "--consistency-gate", "softmax"])
     mix = objective_from_args(parser.parse_args(base + ["--objective", "smoothmix", "--pgd-steps", "2", "--eta", "1",
                                                         "--smoothmix-step-size", "0.5"]))
     assert mix.config() == {"objective": "smoothmix", "m": 4, "steps": 2, "step_size": 0.5, "eta": 1.0, "warmup": 10}

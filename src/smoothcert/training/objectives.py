@@ -43,7 +43,7 @@ from smoothcert.training.mixing_objectives import CATRS, SmoothMix
 __all__ = [
     "Objective", "GaussianAugmentation", "Consistency", "GeneralizedConsistency", "Macer", "SmoothAdv",
     "SmoothMix", "CATRS", "OBJECTIVES", "make_objective", "standard_noise", "GaussianSettings",
-    "ConsistencySettings", "GeneralizedConsistencySettings", "MacerSettings", "SmoothAdvSettings", "GATES",
+    "ConsistencySettings", "MacerSettings", "SmoothAdvSettings",
 ]
 
 
@@ -61,20 +61,6 @@ class ConsistencySettings(Settings):
     m: int = copies_setting(2)
     lbd: float = number(10.0, low=0.0, help="weight of the KL consistency term")
     eta: float = number(0.5, low=0.0, help="weight of the entropy of the mean prediction")
-
-
-#: What gates generalized consistency's KL term: the argmax of the averaged logits (seed 002 eq. 4.3, the
-#: dissertation's reading) or of the averaged softmax (eq. 4.2, Jeong and Shin's prediction).
-GATES = ("logits", "softmax")
-
-
-@dataclass(frozen=True)
-class GeneralizedConsistencySettings(ConsistencySettings):
-    """Generalized consistency: consistency's settings and the prediction that gates the KL term."""
-
-    gate: str = choice("logits", GATES, help="the prediction whose correctness gates the KL term: logits = argmax "
-                                             "of the averaged logits (seed 002 eq. 4.3); softmax = of the averaged "
-                                             "softmax (eq. 4.2)", flag="--consistency-gate")
 
 
 @dataclass(frozen=True)
@@ -171,8 +157,9 @@ class GeneralizedConsistency(Consistency):
       eq. 4.1 writes it as the subscript of ``F(x + eps)`` inside the KL, and the entropy term ``eta H(p_hat)``
       stands outside it, for every input. ``g(x)`` is the prediction of eq. 4.3, the argmax of the *averaged
       logits*: section 4.1 introduces eq. 4.3 to loosen the accuracy condition, so that more inputs that are
-      "promising to be correctly classified" join the consistency term (``gate="logits"``, the default).
-      ``gate="softmax"`` gates on the argmax of ``p_hat`` instead (eq. 4.2, Jeong and Shin's prediction).
+      "promising to be correctly classified" join the consistency term. (Gating on the argmax of ``p_hat``
+      instead, eq. 4.2's prediction, was measured on MNIST: it disagreed with this gate on 0.08-0.37% of
+      training inputs and changed the ACR by under 0.01 at sigma 0.25 and 0.5, so it is not offered.)
       Only inputs classified correctly are pushed to a constant prediction; misclassified ones are left free to
       become correct. The term is averaged over the whole batch (the indicator is inside the expectation).
 
@@ -181,16 +168,15 @@ class GeneralizedConsistency(Consistency):
     """
 
     name = "generalized-consistency"
-    settings_type = GeneralizedConsistencySettings
+    settings_type = ConsistencySettings
 
     def loss(self, model, x, y, sigma, *, generator=None, noise=None):
         w = self._noise(x, generator, noise)
         logits = noisy_logits(model, x, w, sigma)
         mean_logits = logits.mean(dim=1)
         accuracy = F.cross_entropy(mean_logits, y, reduction="none")
-        kl, entropy, p_hat = _kl_and_entropy(logits)
-        vote = mean_logits if self.settings.gate == "logits" else p_hat
-        correct = (vote.detach().argmax(dim=1) == y).to(kl.dtype)
+        kl, entropy, _ = _kl_and_entropy(logits)
+        correct = (mean_logits.detach().argmax(dim=1) == y).to(kl.dtype)
         s = self.settings
         return (accuracy + correct * s.lbd * kl + s.eta * entropy).mean(), mean_logits.detach()
 
