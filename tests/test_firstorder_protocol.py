@@ -5,11 +5,13 @@ and a replay of the protocol from the engine's parts (``sample_counts`` on each 
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 import smoothcert.stats.gradients as fs
 from smoothcert.engine.sampling import input_generator, sample_counts
 from smoothcert.engine.smooth import certify
 from smoothcert.methods.firstorder.certificate import FirstOrderPlan, certify_first_order
+from smoothcert.methods.firstorder.radii import l2_radius
 from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.stats.bounds import clopper_pearson_lower
 
@@ -108,7 +110,9 @@ def test_gradient_observer_parts_split_the_samples_in_drawing_order():
 @pytest.mark.parametrize("subspace", [None, "coords:1-3"])
 def test_first_order_is_cohen_plus_an_observer(subspace):
     """The replay of the first-order protocol (selection on stream 1, one GradientObserver per half on streams 2
-    and 3, p_A at alpha_p) gives exactly the certificate's counts, p_A bound and l2 gradient bounds."""
+    and 3, p_A at alpha_p) gives exactly the certificate's counts, p_A bound and l2 gradient bounds. sigma = 0.3 is
+    not a float32 number: the noise sampled is ``sigma_sampled`` = float32(0.3), and the observer's standard
+    draws, the bounds and the radii are that noise's."""
     model, sigma, n0, n, alpha, inputs = ThreeClass(6), 0.3, 40, 1201, 0.05, 4
     x = torch.rand(inputs, 6, generator=torch.Generator().manual_seed(2))
     certs = certify_first_order(model, x, sigma, 3, n0, n, alpha, subspace=subspace, batch_size=96, block=30,
@@ -116,11 +120,13 @@ def test_first_order_is_cohen_plus_an_observer(subspace):
     plan = FirstOrderPlan.make(alpha, n, subspace=subspace is not None)
     gens = _triples(range(inputs))
     noise = IsotropicGaussian(sigma)
+    sampled = noise.sigma_sampled
+    assert sampled != sigma
     kw = dict(batch_size=96, block=30)
     top = sample_counts(model, x, noise, n0, 3, generators=[g[0] for g in gens], **kw).argmax(1)
     counts, means = 0, []
     for k, size in zip((1, 2), plan.halves):
-        observer = fs.GradientObserver(sigma, classes=top)
+        observer = fs.GradientObserver(sampled, classes=top)
         counts = counts + sample_counts(model, x, noise, size, 3, generators=[g[k] for g in gens],
                                         observers=[observer], **kw)
         means.append(observer.sums.numpy() / size)
@@ -131,5 +137,7 @@ def test_first_order_is_cohen_plus_an_observer(subspace):
     for i, c in enumerate(certs):
         assert np.array_equal(c.counts, counts[i])
         assert c.p_lower == float(clopper_pearson_lower(counts[i, top[i]], n, plan.alpha_p))
-        assert c.grad_bounds["l2_upper"] == up[i] / sigma and c.grad_bounds["l2_lower"] == low[i] / sigma
+        assert c.grad_bounds["l2_upper"] == up[i] / sampled and c.grad_bounds["l2_lower"] == low[i] / sampled
         assert c.prediction == (int(top[i]) if c.p_lower > 0.5 else -1)
+        if c.p_lower > 0.5:  # the radius in units of the sampled noise
+            assert c.radius == sampled * max(l2_radius(c.p_lower, up[i]), float(stats.norm.ppf(c.p_lower)))

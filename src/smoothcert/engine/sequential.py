@@ -49,7 +49,7 @@ from smoothcert.stats.sequential import (CERTIFIED, FUTILE, SEQUENCES, UNDECIDED
                                          spending, target_step, union_cp_bounds)
 from smoothcert.validation import check_count, check_sample_sizes
 
-__all__ = ["MODES", "Mode", "certify_in_mode", "certify_sequential", "target_level"]
+__all__ = ["MODES", "Mode", "certify_in_mode", "certify_sequential", "target_level", "uniform_draws"]
 
 MODES = ("fixed", "target", "anytime")
 DECISIONS = {CERTIFIED: "certified", FUTILE: "futile", UNDECIDED: "undecided"}
@@ -167,10 +167,13 @@ def certify_sequential(model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
                        noise: Noise | Sequence[Noise], num_classes: int, n0: int, mode: Mode, alpha: float, *,
                        batch_size: int = 1000, block: int | None = None, generators: Sequence | None = None,
                        dtype: torch.dtype = torch.float32, seed: int | None = None,
-                       range_policy: str = "warn") -> list[Certificate]:
+                       range_policy: str = "warn", classes: torch.Tensor | None = None) -> list[Certificate]:
     """CERTIFY ``x`` (B, ...) in ``mode`` ``target`` or ``anytime``; one :class:`Certificate` per input, with
     ``n = n_max``, ``n_used`` the estimation samples drawn and ``extra`` the mode's columns. ``generators``: per
-    input a ``(selection, estimation)`` pair of independent streams, or one stream for both in turn."""
+    input a ``(selection, estimation)`` pair of independent streams, or one stream for both in turn.
+    ``classes`` (optional, int64 (B,)): the class ``c_A`` of every input, already chosen on selection samples
+    independent of the estimation streams (e.g. by a caller that spent them on other statistics); then no
+    selection samples are drawn here."""
     if not isinstance(mode, Mode) or not mode.sequential:
         raise ValueError("certify_sequential takes a Mode of name target or anytime")
     check_call(model, x, num_classes, alpha, batch_size, dtype, range_policy)
@@ -183,7 +186,12 @@ def certify_sequential(model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     check_noise_support(x, noise if isinstance(noise, Noise) else noises)  # e.g. sound sampling's grid
     select, estimate = _streams(generators, b)
     kw = dict(batch_size=batch_size, block=block, dtype=dtype)
-    top = sample_counts(model, x, noises, n0, num_classes, generators=select, **kw).argmax(dim=1)
+    if classes is None:
+        top = sample_counts(model, x, noises, n0, num_classes, generators=select, **kw).argmax(dim=1)
+    else:
+        top = torch.as_tensor(classes, dtype=torch.int64).reshape(-1)
+        if top.numel() != b or not bool(((top >= 0) & (top < num_classes)).all()):
+            raise ValueError(f"classes must hold one class in [0, {num_classes}) per input, got {classes!r}")
     schedule = check_schedule(mode.n_max, mode.first, mode.growth)
     alphas = spending(alpha, len(schedule))
     if mode.name == "target":
@@ -242,6 +250,12 @@ def certify_sequential(model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     return out
 
 
+def uniform_draws(generators: Sequence[torch.Generator]) -> list[float]:
+    """One float64 uniform draw in [0, 1) per stream: the randomized Clopper-Pearson bound's ``U`` (seed by seed the
+    same draw for every method)."""
+    return [float(torch.rand((), generator=g, device=g.device, dtype=torch.float64)) for g in generators]
+
+
 def certify_in_mode(mode: Mode, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                     noise: Noise | Sequence[Noise], num_classes: int, n0: int, n: int, alpha: float, *,
                     batch_size: int = 1000, block: int | None = None, generators: Sequence | None = None,
@@ -256,6 +270,6 @@ def certify_in_mode(mode: Mode, model: Callable[[torch.Tensor], torch.Tensor], x
     if mode.randomized:
         if uniform_generators is None or len(uniform_generators) != x.shape[0]:
             raise ValueError("the randomized Clopper-Pearson bound needs one uniform stream per input")
-        uniforms = [float(torch.rand((), generator=g, device=g.device, dtype=torch.float64)) for g in uniform_generators]
+        uniforms = uniform_draws(uniform_generators)
     return certify(model, x, noise, num_classes, n0, n, alpha, batch_size=batch_size, block=block,
                    generators=generators, dtype=dtype, seed=seed, uniforms=uniforms)

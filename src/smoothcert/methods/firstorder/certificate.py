@@ -43,7 +43,8 @@ from smoothcert.stats.bounds import clopper_pearson_lower
 from smoothcert.methods.firstorder.subspace import Subspace, SubspaceGeometry
 from smoothcert.validation import check_alpha, check_count, check_number, check_positive
 
-__all__ = ["NORMS", "Subspace", "SubspaceGeometry", "FirstOrderCertificate", "FirstOrderPlan", "certify_first_order"]
+__all__ = ["NORMS", "Subspace", "SubspaceGeometry", "FirstOrderCertificate", "FirstOrderPlan", "certify_first_order",
+           "gradient_bounds", "normalized_radii"]
 
 #: Threat models with first-order radii.
 NORMS: tuple[str, ...] = ("l2", "l1", "linf")
@@ -98,9 +99,10 @@ class FirstOrderPlan:
 
     @classmethod
     def make(cls, alpha: float, n: int, norms: str | Sequence[str] = NORMS, subspace: bool = False,
-             alpha_split: float = 0.5) -> "FirstOrderPlan":
-        """Validate the budget: ``0 < alpha_split < 1``, both halves >= 2 samples, and ``n`` samples able to push
-        the Clopper-Pearson bound of ``p_A`` above 1/2 at ``alpha_p`` (else every input would abstain)."""
+             alpha_split: float = 0.5, p_samples: int | None = None) -> "FirstOrderPlan":
+        """Validate the budget: ``0 < alpha_split < 1``, both halves >= 2 samples, and the ``p_A`` samples
+        (``p_samples``, default ``n``; the sequential modes' ``n_max``) able to push the Clopper-Pearson bound of
+        ``p_A`` above 1/2 at ``alpha_p`` (else every input would abstain)."""
         alpha = check_alpha(alpha)
         check_count("n", n)
         check_number("alpha_split (share of alpha for the p_A bound)", alpha_split, 0.0, 1.0, low_open=True,
@@ -115,9 +117,10 @@ class FirstOrderPlan:
             if subspace:
                 events += _SUB_NEEDS[norm]
         plan = cls(alpha, float(alpha_split), n, norms, bool(subspace), tuple(dict.fromkeys(events)))
-        best = float(clopper_pearson_lower(n, n, plan.alpha_p))
+        k = n if p_samples is None else check_count("the p_A samples", p_samples)
+        best = float(clopper_pearson_lower(k, k, plan.alpha_p))
         if best <= 0.5:
-            raise ValueError(f"n={n} samples cannot certify anything at alpha_p={plan.alpha_p:.3g} (alpha={alpha} x "
+            raise ValueError(f"n={k} samples cannot certify anything at alpha_p={plan.alpha_p:.3g} (alpha={alpha} x "
                              f"alpha_split={alpha_split}): even n/n successes bound p_A only by {best:.3f} <= 1/2; "
                              "raise n or alpha_split")
         return plan
@@ -155,6 +158,8 @@ class FirstOrderCertificate:
     subspace_dim: int | None
     seed: int | None = None
     subspace_geometry: SubspaceGeometry | None = field(default=None, repr=False)
+    n_used: int | None = None
+    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def abstained(self) -> bool:
@@ -165,7 +170,7 @@ class FirstOrderCertificate:
         return self.radius
 
 
-def _grad_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub: Subspace | None,
+def gradient_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub: Subspace | None,
                  geo: SubspaceGeometry | None, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Normalized bounds (of ``beta = sigma grad g``) for every event of ``plan``; one array (B,) each.
 
@@ -270,14 +275,18 @@ def certify_first_order(
     dtype: torch.dtype = torch.float32,
     seed: int | None = None,
     range_policy: str = "warn",
+    uniforms: Sequence[float] | None = None,
 ) -> list[FirstOrderCertificate]:
     """First-order CERTIFY for a batch ``x`` (B, *shape) under ``N(0, sigma^2 I)``; one certificate per input.
 
     Cohen's CERTIFY (:func:`smoothcert.engine.smooth.certify` at level ``alpha_p``) with a
     :class:`~smoothcert.stats.gradients.GradientObserver` on its estimation samples, then the gradient bounds
     and the radii. ``generators``: per input a triple ``(selection, first half, second half)`` of independent
-    streams (or ``None`` for torch's global generator). See the module docstring for the protocol and the
-    guarantee. Raises ValueError before sampling on a bad budget, norm or subspace.
+    streams (or ``None`` for torch's global generator). ``uniforms`` (one draw in [0, 1] per input): the
+    randomized Clopper-Pearson bound of ``p_A`` (recorded as ``extra["cp_uniform"]``). See the module docstring
+    for the protocol and the guarantee. Raises ValueError before sampling on a bad budget, norm or subspace.
+    The noise is the one sampled, ``sigma`` rounded to float32 (``sigma_sampled``): the gradient sums are of its
+    standard draws and the radii in its units.
     """
     sigma = check_positive("sigma (noise level, in input units where pixels lie in [0, 1])", sigma)
     sub = Subspace(subspace) if subspace is not None and not isinstance(subspace, Subspace) else subspace
@@ -289,26 +298,28 @@ def certify_first_order(
         generators = [(None, None, None)] * x.shape[0]  # torch's global generator, three parts in turn
     elif generators is not None and not all(isinstance(g, (tuple, list)) and len(g) == 3 for g in generators):
         raise ValueError("generators must hold one (selection, half 1, half 2) triple per input")
-    observer = fs.GradientObserver(sigma, parts=plan.halves)
-    certs = certify(model, x, IsotropicGaussian(sigma), num_classes, n0, n, plan.alpha_p, batch_size=batch_size,
+    noise = IsotropicGaussian(sigma)
+    observer = fs.GradientObserver(noise.sigma_sampled, parts=plan.halves)
+    certs = certify(model, x, noise, num_classes, n0, n, plan.alpha_p, batch_size=batch_size,
                     block=block, generators=generators, dtype=dtype, seed=seed, range_policy=range_policy,
-                    observers=[observer])
+                    observers=[observer], uniforms=uniforms)
     dim = math.prod(shape)
     sub_dim = sub.dim(shape) if sub is not None else None
     geometry = sub.geometry(shape) if sub is not None else None
     sums = observer.part_sums.cpu().numpy()
-    bounds = _grad_bounds(plan, (sums[:, 0], sums[:, 1]), sub, geometry, shape)
+    bounds = gradient_bounds(plan, (sums[:, 0], sums[:, 1]), sub, geometry, shape)
+    scale = noise.sigma_sampled
 
     out = []
     for i, c in enumerate(certs):
         q = c.p_lower
         b = {k: float(v[i]) for k, v in bounds.items()}
-        radii = {k: sigma * v for k, v in normalized_radii(q, b, plan, dim, geometry).items()}
+        radii = {k: scale * v for k, v in normalized_radii(q, b, plan, dim, geometry).items()}
         out.append(FirstOrderCertificate(
             prediction=c.prediction if q > 0.5 else ABSTAIN, p_lower=q,
             gap=c.gap if q > 0.5 else float("nan"), counts=c.counts, radius=radii["l2_1"],
-            radii=radii, grad_bounds={k: v / sigma for k, v in b.items()}, sigma=sigma, n0=n0, n=n,
+            radii=radii, grad_bounds={k: v / scale for k, v in b.items()}, sigma=sigma, n0=n0, n=n,
             halves=plan.halves, alpha=plan.alpha, alpha_p=plan.alpha_p, alpha_grad=plan.alpha_grad,
             alpha_each=plan.alpha_each, dtype=c.dtype, dim=dim, subspace_dim=sub_dim, seed=seed,
-            subspace_geometry=geometry))
+            subspace_geometry=geometry, extra=c.extra))
     return out

@@ -6,6 +6,11 @@ the gradient of the smoothed classifier, which certifies larger regions (Theorem
 half) and the gradient bounds; the split is recorded in every row. The ``radius`` column is the first-order l2
 radius; ``radius_<norm>_0`` / ``radius_<norm>_1`` hold the zeroth- and first-order radius of each norm from the
 same ``p_A`` bound (``nan`` for norms not asked for), ``radius_sub_*`` the subspace radii.
+
+Every mode of certification applies: ``--randomized-cp`` bounds ``p_A`` with the randomized Clopper-Pearson bound;
+in ``--mode target`` / ``anytime`` the ``n`` samples give the gradient bounds only and ``p_A`` is tested
+sequentially on fresh samples, up to ``--n-max``, at the level the first-order l2 radius needs
+(:mod:`smoothcert.methods.firstorder.sequential`; the target radius is l2).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from typing import Any
 
 from smoothcert.geometry.regions import Ball
 from smoothcert.methods.base import CertifyMethod, RunContext, sigma_setting
+from smoothcert.engine.sequential import uniform_draws
 from smoothcert.methods.firstorder.certificate import (NORMS, FirstOrderPlan, Subspace, certify_first_order,
                                                        parse_norms)
+from smoothcert.methods.firstorder.sequential import certify_first_order_sequential
 from smoothcert.methods.records import MethodRecord
 from smoothcert.settings import Settings, names, number, text
 
@@ -49,6 +56,9 @@ class FirstOrder(CertifyMethod):
     columns = ("sigma", *_RADII, *_BOUNDS, "alpha_p", "alpha_grad", "alpha_each", "n_half", "subspace_dim")
     settings_type = FirstOrderSettings
     samples_only = True
+    #: Every mode: the randomized bound of p_A in fixed mode; in target and anytime mode the gradient bounds come
+    #: from the fixed ``n`` samples and p_A is tested sequentially (:mod:`~smoothcert.methods.firstorder.sequential`).
+    modes = True
 
     def __init__(self, settings: FirstOrderSettings | float | None = None, /, norms: Any = None,
                  subspace: str | Subspace | None = None, alpha_split: float | None = None, *, n: int | None = None,
@@ -84,10 +94,16 @@ class FirstOrder(CertifyMethod):
     def certify(self, ctx: RunContext, x, labels, indices) -> list[MethodRecord]:
         gens = list(zip(ctx.generators(indices, "select"), ctx.generators(indices, "estimate"),
                         ctx.generators(indices, "estimate-2")))
-        certs = certify_first_order(ctx.model, x, self.sigma, ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
-                                    norms=self.norms, subspace=self.subspace, alpha_split=self.settings.alpha_split,
-                                    batch_size=ctx.batch_size, block=ctx.block, generators=gens, dtype=ctx.dtype,
-                                    seed=ctx.seed)
+        kw = dict(norms=self.norms, subspace=self.subspace, alpha_split=self.settings.alpha_split,
+                  batch_size=ctx.batch_size, block=ctx.block, dtype=ctx.dtype, seed=ctx.seed)
+        if ctx.mode.sequential:
+            gens = [(*g, s) for g, s in zip(gens, ctx.generators(indices, "sequential"))]
+            certs = certify_first_order_sequential(ctx.model, x, self.sigma, ctx.num_classes, ctx.n0, ctx.n,
+                                                   ctx.alpha, ctx.mode, generators=gens, **kw)
+        else:
+            uniforms = uniform_draws(ctx.generators(indices, "cp-uniform")) if ctx.mode.randomized else None
+            certs = certify_first_order(ctx.model, x, self.sigma, ctx.num_classes, ctx.n0, ctx.n, ctx.alpha,
+                                        generators=gens, uniforms=uniforms, **kw)
         records = []
         for xi, c in zip(x, certs):
             fields = {"sigma": self.sigma, "alpha_p": c.alpha_p, "alpha_grad": c.alpha_grad,
