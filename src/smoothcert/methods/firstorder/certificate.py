@@ -171,7 +171,7 @@ class FirstOrderCertificate:
 
 
 def gradient_bounds(plan: FirstOrderPlan, sums: tuple[np.ndarray, np.ndarray], sub: Subspace | None,
-                 geo: SubspaceGeometry | None, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+                    geo: SubspaceGeometry | None, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Normalized bounds (of ``beta = sigma grad g``) for every event of ``plan``; one array (B,) each.
 
     Subspace bounds are of ambient norms of ``P_S beta`` (seed 004 Corollary 3.4): ``||P_S beta||_2`` from the
