@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoothcert.settings import Settings, choice, integer, number
+from smoothcert.settings import Settings, integer, number
 from smoothcert.training.objective_base import Objective, copies_setting, noisy_logits, standard_noise
 from smoothcert.training.mixing_objectives import CATRS, SmoothMix
 
