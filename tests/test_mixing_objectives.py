@@ -201,7 +201,7 @@ def test_macer_threshold_stops_the_gradient_of_saturated_inputs():
     ("macer", {"threshold": 0.5}, "threshold"),
     ("macer", {"threshold": 1.0}, "threshold"),
     ("macer", {"threshold": 1.5}, "threshold"),
-    ("generalized-consistency", {"gate": "mean"}, "gate"),
+    ("generalized-consistency", {"gate": "logits"}, "takes no hyperparameter gate"),  # eq. 4.3 only
     ("smoothmix", {"m": 0}, "m"),
     ("smoothmix", {"steps": 0}, "steps"),
     ("smoothmix", {"step_size": 0.0}, "step_size"),

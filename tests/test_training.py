@@ -334,7 +334,7 @@ def test_command_line_training_with_pca_and_resume(tmp_path, capsys):
     model, config = load_checkpoint(out)
     assert config["wrappers"][0]["kind"] == "pca" and config["pca"]["fraction"] == 0.2
     assert config["training"]["objective_config"] == {"objective": "generalized-consistency", "m": 2,
-                                                      "lbd": 5.0, "eta": 0.5, "gate": "logits"}
+                                                      "lbd": 5.0, "eta": 0.5}
     argv[argv.index("--epochs") + 1] = "2"
     assert run_train(parse(argv + ["--resume"])) == 0
     _, config = load_checkpoint(out)
