@@ -5,10 +5,12 @@ another address.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -39,18 +41,66 @@ def ray_env() -> dict:
     return {**os.environ, **RAY_ENV, "PYTHONPATH": path}
 
 
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (from /proc)."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                out[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Stop the Ray processes of the cluster rooted at ``temp_dir`` and their children, and no other Ray on the
+    machine (``ray stop --force`` would kill every Ray process of the user, e.g. a run beside the tests)."""
+    parents = _parents()
+    mine, pid = set(), os.getpid()
+    while pid > 1 and pid not in mine:  # this process and its ancestors are never stopped
+        mine.add(pid)
+        pid = parents.get(pid, 1)
+    doomed = {pid for pid in parents if temp_dir in _cmdline(str(pid))} - mine
+    grown = True
+    while grown:
+        more = {pid for pid, parent in parents.items() if parent in doomed} - doomed - mine
+        doomed |= more
+        grown = bool(more)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in doomed:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in doomed):
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
-def cluster():
-    """A local Ray head on 127.0.0.1 with 2 CPUs; its GCS address."""
+def cluster(tmp_path_factory):
+    """A local Ray head on 127.0.0.1 with 2 CPUs, in its own temporary directory; its GCS address. Teardown stops
+    this cluster's processes only."""
     port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="scray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     ray_cli = str(Path(sys.executable).with_name("ray"))
     subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
-                   env=ray_env(), check=True, capture_output=True, timeout=300)
+                    "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
+                    "--temp-dir", temp_dir], env=ray_env(), check=True, capture_output=True, timeout=300)
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=ray_env(), capture_output=True, timeout=120)
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
