@@ -43,8 +43,8 @@ from smoothcert.stats.bounds import clopper_pearson_lower
 from smoothcert.methods.firstorder.subspace import Subspace, SubspaceGeometry
 from smoothcert.validation import check_alpha, check_count, check_number, check_positive
 
-__all__ = ["NORMS", "Subspace", "SubspaceGeometry", "FirstOrderCertificate", "FirstOrderPlan", "certify_first_order",
-           "gradient_bounds", "normalized_radii"]
+__all__ = ["NORMS", "Subspace", "SubspaceGeometry", "FirstOrderCertificate", "FirstOrderPlan", "GradientPilot",
+           "certify_first_order", "gradient_bounds", "gradient_pilot", "normalized_radii"]
 
 #: Threat models with first-order radii.
 NORMS: tuple[str, ...] = ("l2", "l1", "linf")
@@ -257,6 +257,72 @@ def _input_shape(x) -> tuple[int, ...] | None:
     return tuple(x.shape[1:]) if isinstance(x, torch.Tensor) and x.ndim >= 2 else None
 
 
+@dataclass(frozen=True)
+class GradientPilot:
+    """Fixed first-order CERTIFY's samples of a batch: Cohen's certificates at ``plan.alpha_p`` (``certs``), the
+    classes they selected and the gradient-norm bounds from the estimation halves (normalized, per input)."""
+
+    plan: FirstOrderPlan
+    subspace: Subspace | None
+    shape: tuple[int, ...]
+    geometry: SubspaceGeometry | None
+    certs: list
+    classes: torch.Tensor
+    bounds: dict[str, np.ndarray]
+    sigma: float
+    scale: float  # sigma as sampled (float32): the unit of every radius and gradient bound
+
+    def certificate(self, i: int, prediction: int, p_lower: float, gap: float, counts: np.ndarray, dtype: str,
+                    n0: int, n: int, seed: int | None, n_used: int | None = None,
+                    extra: dict | None = None) -> FirstOrderCertificate:
+        """Input ``i``'s certificate from a lower bound ``p_lower`` of ``p_A`` that holds outside ``alpha_p`` (radius
+        0 where ``prediction`` abstains) and this pilot's gradient bounds."""
+        certified = prediction != ABSTAIN
+        b = {k: float(v[i]) for k, v in self.bounds.items()}
+        dim = math.prod(self.shape)
+        radii = {k: self.scale * v for k, v in normalized_radii(p_lower if certified else 0.0, b, self.plan, dim,
+                                                                self.geometry).items()}
+        plan = self.plan
+        return FirstOrderCertificate(
+            prediction=prediction, p_lower=p_lower, gap=gap if certified else float("nan"), counts=counts,
+            radius=radii["l2_1"], radii=radii, grad_bounds={k: v / self.scale for k, v in b.items()},
+            sigma=self.sigma, n0=n0, n=n, halves=plan.halves, alpha=plan.alpha, alpha_p=plan.alpha_p,
+            alpha_grad=plan.alpha_grad, alpha_each=plan.alpha_each, dtype=dtype, dim=dim,
+            subspace_dim=self.subspace.dim(self.shape) if self.subspace is not None else None, seed=seed,
+            subspace_geometry=self.geometry, n_used=n_used, extra=dict(extra or {}))
+
+
+def gradient_pilot(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, sigma: float, num_classes: int,
+                   n0: int, n: int, alpha: float, *, norms: str | Sequence[str] = NORMS,
+                   subspace: Subspace | str | None = None, alpha_split: float = 0.5, p_samples: int | None = None,
+                   batch_size: int = 1000, block: int | None = None, generators=None,
+                   dtype: torch.dtype = torch.float32, seed: int | None = None, range_policy: str = "warn",
+                   uniforms: Sequence[float] | None = None) -> GradientPilot:
+    """Steps 1-3 of the protocol (module docstring) for ``x`` (B, *shape): the plan (``p_samples``: the samples
+    that will bound ``p_A``, default ``n``), Cohen's CERTIFY at ``alpha_p`` with a gradient observer on its ``n``
+    estimation samples (``generators``: one ``(selection, half 1, half 2)`` triple per input), and the bounds.
+    Raises ValueError before sampling on a bad budget, norm or subspace."""
+    sigma = check_positive("sigma (noise level, in input units where pixels lie in [0, 1])", sigma)
+    sub = Subspace(subspace) if subspace is not None and not isinstance(subspace, Subspace) else subspace
+    plan = FirstOrderPlan.make(alpha, n, norms, sub is not None, alpha_split, p_samples=p_samples)
+    shape = _input_shape(x)
+    if sub is not None and shape is not None:
+        sub.dim(shape)  # a subspace that does not fit the inputs is rejected before sampling
+    if generators is None and shape is not None:
+        generators = [(None, None, None)] * x.shape[0]  # torch's global generator, three parts in turn
+    elif generators is not None and not all(isinstance(g, (tuple, list)) and len(g) == 3 for g in generators):
+        raise ValueError("generators must hold one (selection, half 1, half 2) triple per input")
+    noise = IsotropicGaussian(sigma)
+    observer = fs.GradientObserver(noise.sigma_sampled, parts=plan.halves)
+    certs = certify(model, x, noise, num_classes, n0, n, plan.alpha_p, batch_size=batch_size,
+                    block=block, generators=generators, dtype=dtype, seed=seed, range_policy=range_policy,
+                    observers=[observer], uniforms=uniforms)
+    geometry = sub.geometry(shape) if sub is not None else None
+    sums = observer.part_sums.cpu().numpy()
+    bounds = gradient_bounds(plan, (sums[:, 0], sums[:, 1]), sub, geometry, shape)
+    return GradientPilot(plan, sub, shape, geometry, certs, observer.classes, bounds, sigma, noise.sigma_sampled)
+
+
 def certify_first_order(
     model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -288,38 +354,9 @@ def certify_first_order(
     The noise is the one sampled, ``sigma`` rounded to float32 (``sigma_sampled``): the gradient sums are of its
     standard draws and the radii in its units.
     """
-    sigma = check_positive("sigma (noise level, in input units where pixels lie in [0, 1])", sigma)
-    sub = Subspace(subspace) if subspace is not None and not isinstance(subspace, Subspace) else subspace
-    plan = FirstOrderPlan.make(alpha, n, norms, sub is not None, alpha_split)
-    shape = _input_shape(x)
-    if sub is not None and shape is not None:
-        sub.dim(shape)  # a subspace that does not fit the inputs is rejected before sampling
-    if generators is None and shape is not None:
-        generators = [(None, None, None)] * x.shape[0]  # torch's global generator, three parts in turn
-    elif generators is not None and not all(isinstance(g, (tuple, list)) and len(g) == 3 for g in generators):
-        raise ValueError("generators must hold one (selection, half 1, half 2) triple per input")
-    noise = IsotropicGaussian(sigma)
-    observer = fs.GradientObserver(noise.sigma_sampled, parts=plan.halves)
-    certs = certify(model, x, noise, num_classes, n0, n, plan.alpha_p, batch_size=batch_size,
-                    block=block, generators=generators, dtype=dtype, seed=seed, range_policy=range_policy,
-                    observers=[observer], uniforms=uniforms)
-    dim = math.prod(shape)
-    sub_dim = sub.dim(shape) if sub is not None else None
-    geometry = sub.geometry(shape) if sub is not None else None
-    sums = observer.part_sums.cpu().numpy()
-    bounds = gradient_bounds(plan, (sums[:, 0], sums[:, 1]), sub, geometry, shape)
-    scale = noise.sigma_sampled
-
-    out = []
-    for i, c in enumerate(certs):
-        q = c.p_lower
-        b = {k: float(v[i]) for k, v in bounds.items()}
-        radii = {k: scale * v for k, v in normalized_radii(q, b, plan, dim, geometry).items()}
-        out.append(FirstOrderCertificate(
-            prediction=c.prediction if q > 0.5 else ABSTAIN, p_lower=q,
-            gap=c.gap if q > 0.5 else float("nan"), counts=c.counts, radius=radii["l2_1"],
-            radii=radii, grad_bounds={k: v / scale for k, v in b.items()}, sigma=sigma, n0=n0, n=n,
-            halves=plan.halves, alpha=plan.alpha, alpha_p=plan.alpha_p, alpha_grad=plan.alpha_grad,
-            alpha_each=plan.alpha_each, dtype=c.dtype, dim=dim, subspace_dim=sub_dim, seed=seed,
-            subspace_geometry=geometry, extra=c.extra))
-    return out
+    pilot = gradient_pilot(model, x, sigma, num_classes, n0, n, alpha, norms=norms, subspace=subspace,
+                           alpha_split=alpha_split, batch_size=batch_size, block=block, generators=generators,
+                           dtype=dtype, seed=seed, range_policy=range_policy, uniforms=uniforms)
+    return [pilot.certificate(i, c.prediction if c.p_lower > 0.5 else ABSTAIN, c.p_lower, c.gap, c.counts, c.dtype,
+                              n0, n, seed, extra=c.extra)
+            for i, c in enumerate(pilot.certs)]

@@ -33,15 +33,11 @@ import numpy as np
 import torch
 from scipy import optimize
 
-import smoothcert.stats.gradients as fs
 from smoothcert.engine.sequential import Mode, certify_sequential
-from smoothcert.engine.smooth import ABSTAIN, certify
-from smoothcert.methods.firstorder.certificate import (NORMS, FirstOrderCertificate, FirstOrderPlan, Subspace,
-                                                       gradient_bounds, normalized_radii)
+from smoothcert.methods.firstorder.certificate import NORMS, FirstOrderCertificate, Subspace, gradient_pilot
 from smoothcert.methods.firstorder.radii import R_MAX, l2_radius
 from smoothcert.noise.gaussian import IsotropicGaussian
 from smoothcert.stats.bounds import level as normal_level
-from smoothcert.validation import check_positive
 
 __all__ = ["FirstOrderGaussian", "certify_first_order_sequential"]
 
@@ -130,40 +126,18 @@ def certify_first_order_sequential(
     """
     if not isinstance(mode, Mode) or not mode.sequential:
         raise ValueError("certify_first_order_sequential takes a Mode of name target or anytime")
-    sigma = check_positive("sigma (noise level, in input units where pixels lie in [0, 1])", sigma)
-    sub = Subspace(subspace) if subspace is not None and not isinstance(subspace, Subspace) else subspace
-    plan = FirstOrderPlan.make(alpha, n, norms, sub is not None, alpha_split, p_samples=mode.n_max)
-    shape = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) and x.ndim >= 2 else None
-    if shape is None:
+    if not (isinstance(x, torch.Tensor) and x.ndim >= 2):
         raise ValueError("x must be a batch tensor (B, *input_shape)")
-    if sub is not None:
-        sub.dim(shape)
     gens = list(generators)
     if len(gens) != x.shape[0] or not all(isinstance(g, (tuple, list)) and len(g) == 4 for g in gens):
         raise ValueError("generators must hold one (selection, half 1, half 2, sequential) quadruple per input")
-    base = IsotropicGaussian(sigma)
-    observer = fs.GradientObserver(base.sigma_sampled, parts=plan.halves)
-    certify(model, x, base, num_classes, n0, n, plan.alpha_p, batch_size=batch_size, block=block,
-            generators=[g[:3] for g in gens], dtype=dtype, seed=seed, range_policy=range_policy, observers=[observer])
-    geometry = sub.geometry(shape) if sub is not None else None
-    sums = observer.part_sums.cpu().numpy()
-    bounds = gradient_bounds(plan, (sums[:, 0], sums[:, 1]), sub, geometry, shape)
-    noises = [FirstOrderGaussian(sigma, float(bounds["l2_upper"][i])) for i in range(x.shape[0])]
-    tests = certify_sequential(model, x, noises, num_classes, n0, mode, plan.alpha_p, batch_size=batch_size,
+    pilot = gradient_pilot(model, x, sigma, num_classes, n0, n, alpha, norms=norms, subspace=subspace,
+                           alpha_split=alpha_split, p_samples=mode.n_max, batch_size=batch_size, block=block,
+                           generators=[g[:3] for g in gens], dtype=dtype, seed=seed, range_policy=range_policy)
+    noises = [FirstOrderGaussian(pilot.sigma, float(m)) for m in pilot.bounds["l2_upper"]]
+    tests = certify_sequential(model, x, noises, num_classes, n0, mode, pilot.plan.alpha_p, batch_size=batch_size,
                                block=block, generators=[(g[0], g[3]) for g in gens], dtype=dtype, seed=seed,
-                               range_policy=range_policy, classes=observer.classes)
-    dim, scale = math.prod(shape), base.sigma_sampled
-    out = []
-    for i, t in enumerate(tests):
-        certified = t.prediction != ABSTAIN
-        b = {k: float(v[i]) for k, v in bounds.items()}
-        radii = {k: scale * v for k, v in normalized_radii(t.p_lower if certified else 0.0, b, plan, dim,
-                                                           geometry).items()}
-        out.append(FirstOrderCertificate(
-            prediction=t.prediction, p_lower=t.p_lower, gap=t.gap if certified else float("nan"), counts=t.counts,
-            radius=radii["l2_1"], radii=radii, grad_bounds={k: v / scale for k, v in b.items()}, sigma=sigma,
-            n0=n0, n=int(mode.n_max), halves=plan.halves, alpha=plan.alpha, alpha_p=plan.alpha_p,
-            alpha_grad=plan.alpha_grad, alpha_each=plan.alpha_each, dtype=t.dtype, dim=dim,
-            subspace_dim=sub.dim(shape) if sub is not None else None, seed=seed, subspace_geometry=geometry,
-            n_used=n + int(t.n_used), extra=dict(t.extra)))
-    return out
+                               range_policy=range_policy, classes=pilot.classes)
+    return [pilot.certificate(i, t.prediction, t.p_lower, t.gap, t.counts, t.dtype, n0, int(mode.n_max), seed,
+                              n_used=n + int(t.n_used), extra=t.extra)
+            for i, t in enumerate(tests)]
