@@ -185,19 +185,38 @@ def failing_state(args, index, mode, marker):
     return method, ctx, FailingInputs(inputs, index, mode, marker)
 
 
-def run(checkpoint, out, cluster, factory_args=None):
+class SlowInputs:
+    """A worker's ``inputs``: logs ``pid batch`` to ``log`` and sleeps ``seconds`` when the batch holds ``index``."""
+
+    def __init__(self, inputs, index, seconds, log):
+        self.inputs, self.index, self.seconds, self.log = inputs, index, seconds, log
+
+    def __call__(self, batch):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {batch[0]}\n")
+        if self.index in batch:
+            time.sleep(self.seconds)
+        return self.inputs(batch)
+
+
+def slow_state(args, index, seconds, log):
+    method, ctx, inputs = worker_state(args)
+    return method, ctx, SlowInputs(inputs, index, seconds, log)
+
+
+def run(checkpoint, out, cluster, factory_args=None, count=8, state=failing_state):
     """Certify through :func:`run_distributed` with the command's own objects and, optionally, failing workers."""
     from smoothcert.cli.distributed import run_distributed
     from smoothcert.cli.runner import CERTIFY_COLUMNS, ResultsFile
     from smoothcert.methods.base import COMMON_COLUMNS
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    args = build_parser().parse_args(certify_args(checkpoint, out, *DDS))
+    args = build_parser().parse_args(certify_args(checkpoint, out, *DDS, count=count))
     method, ctx, inputs, indices, run_config = certify_state(args)
     columns = CERTIFY_COLUMNS + COMMON_COLUMNS + tuple(c for c in method.columns if c not in COMMON_COLUMNS)
     results = ResultsFile(Path(out), columns, {"command": "certify", **run_config, "n0": args.n0,
                                                "method": method.config()})
-    factory = partial(worker_state, args) if factory_args is None else partial(failing_state, args, *factory_args)
+    factory = partial(worker_state, args) if factory_args is None else partial(state, args, *factory_args)
     try:
         run_distributed(results, inputs, indices, method, ctx, factory, workers=2, address=cluster,
                         inputs_per_batch=2, on_open=lambda done: method.open(ctx, results.path, done),
@@ -212,6 +231,21 @@ def test_a_worker_that_dies_has_its_inputs_redone(cluster, checkpoint, tmp_path)
     run(checkpoint, tmp_path / "ray.tsv", cluster, (5, "die", str(marker)))
     assert marker.exists()  # a worker did die on the batch of input 5
     assert main(certify_args(checkpoint, tmp_path / "local.tsv", *DDS)) == 0
+    assert rows(tmp_path / "ray.tsv") == rows(tmp_path / "local.tsv")
+
+
+@pytest.mark.slow
+def test_a_batch_waiting_behind_a_slow_one_is_taken_over_by_an_idle_worker(cluster, checkpoint, tmp_path):
+    # Three batches of two inputs on two workers: the first worker is handed the batches of inputs 0-1 (slow) and
+    # 2-3, the second one that of inputs 4-5. Once that is done, the idle second worker takes over inputs 2-3,
+    # which are cancelled where they waited, so each batch is computed once.
+    log = tmp_path / "calls"
+    run(checkpoint, tmp_path / "ray.tsv", cluster, (0, 8.0, str(log)), count=6, state=slow_state)
+    calls = [line.split() for line in log.read_text().splitlines()]
+    workers = {first: pid for pid, first in calls}
+    assert sorted(first for _, first in calls) == ["0", "2", "4"]  # every batch once on the workers
+    assert workers["2"] != workers["0"] and workers["2"] == workers["4"]
+    assert main(certify_args(checkpoint, tmp_path / "local.tsv", *DDS, count=6)) == 0
     assert rows(tmp_path / "ray.tsv") == rows(tmp_path / "local.tsv")
 
 

@@ -10,6 +10,10 @@ one is written, and the driver runs :meth:`~smoothcert.methods.base.CertifyMetho
 samples per forward pass (``RunContext.block``) is fixed for the run, so a worker computes for an input exactly
 what a local run computes: a distributed run equals a local one row for row (every column but ``time``).
 
+**Hand-out** (:class:`HandOut`). Batches leave one shared queue in dataset order; each worker holds up to
+:data:`IN_FLIGHT` (one running, the next waiting), and a batch still waiting behind a running one moves to a worker
+that became idle (it is cancelled where it waited), so no worker idles while work is left.
+
 **Memory.** Memory-based certification is sequential by definition (seed 000 Algorithm 1): the data-dependent
 methods optimize and certify each input's noise on the workers (``propose``), and the driver passes the
 certificates through the memory in dataset order (``finish``), so the memory is the local run's.
@@ -39,7 +43,7 @@ from smoothcert.methods.base import CertifyMethod, RunContext
 from smoothcert.progress import progress as progress_reporter
 from smoothcert.validation import check_count, check_number, check_positive
 
-__all__ = ["check_distributed", "connect", "run_distributed", "IN_FLIGHT"]
+__all__ = ["check_distributed", "connect", "run_distributed", "HandOut", "IN_FLIGHT"]
 
 #: Batches queued per worker, so a worker never waits for the driver between batches; at most ``2 IN_FLIGHT
 #: workers`` batches are handed out ahead of the next one to write.
@@ -98,6 +102,51 @@ def connect(workers: int, address: str | None, cpus_per_worker: float) -> bool:
     return True
 
 
+class HandOut:
+    """Which batch each of ``workers`` workers computes next: one shared queue of ``batches`` batches, read ahead.
+
+    A worker holds up to ``depth`` batches (the oldest one running, the others waiting in its queue), so it never
+    waits for the driver between two batches; fresh batches go out in dataset order, at most ``window`` ahead of
+    the next one to write. A batch handed to a worker is not bound to it: when a worker is idle and no fresh batch
+    may go out (none left, or the window is full), it takes over the earliest batch that waits behind a running
+    one on another worker, and the caller cancels it there. So no worker idles while a batch waits, and with few
+    large batches the run ends when the last batch ends, not when one worker's queue drains."""
+
+    def __init__(self, batches: int, workers: int, *, depth: int = IN_FLIGHT, window: int | None = None):
+        check_count("batches", batches)
+        check_count("workers", workers)
+        check_count("depth", depth)
+        self.batches, self.depth = batches, depth
+        self.window = window if window is not None else 2 * depth * workers
+        self.queues: list[list[int]] = [[] for _ in range(workers)]
+        self.fresh = 0  # the first batch never handed out
+        self.written = 0  # the next batch to write (the caller advances it)
+
+    def take(self, worker: int) -> tuple[int, int | None] | None:
+        """The next batch for a free slot of ``worker`` and the worker it is taken from (``None`` for a fresh
+        batch), or ``None`` when ``worker`` gets nothing now."""
+        queue = self.queues[worker]
+        if len(queue) >= self.depth:
+            return None
+        if self.fresh < min(self.batches, self.written + self.window):
+            queue.append(self.fresh)
+            self.fresh += 1
+            return queue[-1], None
+        if queue:  # a batch moved to a busy worker would only wait there again
+            return None
+        waiting = [(q[i], other) for other, q in enumerate(self.queues) for i in range(1, len(q))]
+        if not waiting:
+            return None
+        k, other = min(waiting)
+        self.queues[other].remove(k)
+        queue.append(k)
+        return k, other
+
+    def done(self, worker: int, k: int) -> None:
+        """``worker`` returned batch ``k``."""
+        self.queues[worker].remove(k)
+
+
 class Worker:
     """One Ray actor: builds what ``factory`` makes once, then proposes certificates for batches of indices."""
 
@@ -137,45 +186,42 @@ def run_distributed(results: ResultsFile, inputs: Callable, indices: Sequence[in
     actors = [remote.remote(factory, max(1, int(cpus_per_worker))) for _ in range(workers)]
     bar = progress_reporter(len(indices), initial=len(done), enabled=progress, unit="input",
                             desc=str(results.config.get("command", "run")))
-    pending: dict[Any, tuple[int, Any]] = {}
+    pending: dict[Any, tuple[int, int]] = {}  # object ref -> (batch, worker)
     arrived: dict[int, tuple[list[Any], float]] = {}
-    # Batches are handed out at most WINDOW ahead of the next one to write, so a slow worker never makes the others
-    # pile up results here (and the rows reach the file at a steady pace).
-    window = 2 * IN_FLIGHT * workers
-    next_batch, next_submit, idle = 0, 0, []
+    # Batches are handed out at most a window ahead of the next one to write, so a slow worker never makes the
+    # others pile up results here (and the rows reach the file at a steady pace).
+    hand = HandOut(len(batches), workers)
 
-    def submit(actor) -> bool:
-        nonlocal next_submit
-        if next_submit >= len(batches) or next_submit >= next_batch + window:
-            return False
-        pending[actor.propose.remote(batches[next_submit])] = (next_submit, actor)
-        next_submit += 1
-        return True
+    def feed(worker: int) -> None:
+        while (job := hand.take(worker)) is not None:
+            k, moved_from = job
+            if moved_from is not None:  # it waited on a busy worker: cancel it there (not yet started)
+                ref = next(r for r, (b, w) in pending.items() if (b, w) == (k, moved_from))
+                del pending[ref]
+                ray.cancel(ref)
+            pending[actors[worker].propose.remote(batches[k])] = (k, worker)
 
     try:
-        for actor in actors:
-            for _ in range(IN_FLIGHT):
-                if not submit(actor):
-                    idle.append(actor)  # one free slot of this actor
+        for worker in range(workers):
+            feed(worker)
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            k, actor = pending.pop(ref)
+            k, worker = pending.pop(ref)
+            hand.done(worker, k)
             try:
                 arrived[k] = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
                 raise (e.cause if isinstance(e.cause, Exception) else e) from None
-            if not submit(actor):
-                idle.append(actor)
-            while next_batch in arrived:
-                proposals, seconds = arrived.pop(next_batch)
-                batch = batches[next_batch]
+            while hand.written in arrived:
+                proposals, seconds = arrived.pop(hand.written)
+                batch = batches[hand.written]
                 x, labels = inputs(batch)
                 records = method.finish(ctx, x, labels, batch, proposals)
                 results.append(batch_rows(records, batch, labels, seconds, own))
                 bar.update(len(batch))
-                next_batch += 1
-            while idle and submit(idle[0]):
-                idle.pop(0)
+                hand.written += 1
+            for other in range(workers):
+                feed(other)
     finally:
         bar.close()
         for actor in actors:
