@@ -186,22 +186,26 @@ def failing_state(args, index, mode, marker):
 
 
 class SlowInputs:
-    """A worker's ``inputs``: logs ``pid batch`` to ``log`` and sleeps ``seconds`` when the batch holds ``index``."""
+    """A worker's ``inputs``: logs ``pid batch`` to ``log``; on the batch that holds ``index`` it waits (at most
+    ``timeout`` seconds) until another worker has started the batch that begins at ``then``."""
 
-    def __init__(self, inputs, index, seconds, log):
-        self.inputs, self.index, self.seconds, self.log = inputs, index, seconds, log
+    def __init__(self, inputs, index, then, log, timeout=60.0):
+        self.inputs, self.index, self.then, self.log, self.timeout = inputs, index, then, log, timeout
 
     def __call__(self, batch):
         with open(self.log, "a") as f:
             f.write(f"{os.getpid()} {batch[0]}\n")
         if self.index in batch:
-            time.sleep(self.seconds)
+            deadline, me = time.time() + self.timeout, str(os.getpid())
+            while time.time() < deadline and [str(self.then)] not in (
+                    line.split()[1:] for line in Path(self.log).read_text().splitlines() if line.split()[0] != me):
+                time.sleep(0.1)
         return self.inputs(batch)
 
 
-def slow_state(args, index, seconds, log):
+def slow_state(args, index, then, log):
     method, ctx, inputs = worker_state(args)
-    return method, ctx, SlowInputs(inputs, index, seconds, log)
+    return method, ctx, SlowInputs(inputs, index, then, log)
 
 
 def run(checkpoint, out, cluster, factory_args=None, count=8, state=failing_state):
@@ -236,11 +240,12 @@ def test_a_worker_that_dies_has_its_inputs_redone(cluster, checkpoint, tmp_path)
 
 @pytest.mark.slow
 def test_a_batch_waiting_behind_a_slow_one_is_taken_over_by_an_idle_worker(cluster, checkpoint, tmp_path):
-    # Three batches of two inputs on two workers: the first worker is handed the batches of inputs 0-1 (slow) and
-    # 2-3, the second one that of inputs 4-5. Once that is done, the idle second worker takes over inputs 2-3,
-    # which are cancelled where they waited, so each batch is computed once.
+    # Three batches of two inputs on two workers: the first worker is handed the batches of inputs 0-1 and 2-3, the
+    # second one that of inputs 4-5. The first worker holds on to inputs 0-1 until another worker has started inputs
+    # 2-3 (at most 60 s): once the second worker is done, it takes them over, and they are cancelled where they
+    # waited, so each batch is computed once. Without the take-over the first worker computes them after 60 s.
     log = tmp_path / "calls"
-    run(checkpoint, tmp_path / "ray.tsv", cluster, (0, 8.0, str(log)), count=6, state=slow_state)
+    run(checkpoint, tmp_path / "ray.tsv", cluster, (0, 2, str(log)), count=6, state=slow_state)
     calls = [line.split() for line in log.read_text().splitlines()]
     workers = {first: pid for pid, first in calls}
     assert sorted(first for _, first in calls) == ["0", "2", "4"]  # every batch once on the workers
