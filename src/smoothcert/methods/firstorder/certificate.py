@@ -277,12 +277,11 @@ class GradientPilot:
                     extra: dict | None = None) -> FirstOrderCertificate:
         """Input ``i``'s certificate from a lower bound ``p_lower`` of ``p_A`` that holds outside ``alpha_p`` (radius
         0 where ``prediction`` abstains) and this pilot's gradient bounds."""
-        certified = prediction != ABSTAIN
+        certified, plan = prediction != ABSTAIN, self.plan
         b = {k: float(v[i]) for k, v in self.bounds.items()}
         dim = math.prod(self.shape)
-        radii = {k: self.scale * v for k, v in normalized_radii(p_lower if certified else 0.0, b, self.plan, dim,
+        radii = {k: self.scale * v for k, v in normalized_radii(p_lower if certified else 0.0, b, plan, dim,
                                                                 self.geometry).items()}
-        plan = self.plan
         return FirstOrderCertificate(
             prediction=prediction, p_lower=p_lower, gap=gap if certified else float("nan"), counts=counts,
             radius=radii["l2_1"], radii=radii, grad_bounds={k: v / self.scale for k, v in b.items()},
@@ -295,7 +294,8 @@ class GradientPilot:
 def gradient_pilot(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, sigma: float, num_classes: int,
                    n0: int, n: int, alpha: float, *, norms: str | Sequence[str] = NORMS,
                    subspace: Subspace | str | None = None, alpha_split: float = 0.5, p_samples: int | None = None,
-                   batch_size: int = 1000, block: int | None = None, generators=None,
+                   batch_size: int = 1000, block: int | None = None,
+                   generators: Sequence[tuple[torch.Generator | None, ...]] | None = None,
                    dtype: torch.dtype = torch.float32, seed: int | None = None, range_policy: str = "warn",
                    uniforms: Sequence[float] | None = None) -> GradientPilot:
     """Steps 1-3 of the protocol (module docstring) for ``x`` (B, *shape): the plan (``p_samples``: the samples
