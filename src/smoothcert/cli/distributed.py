@@ -12,7 +12,8 @@ what a local run computes: a distributed run equals a local one row for row (eve
 
 **Hand-out** (:class:`HandOut`). Batches leave one shared queue in dataset order; each worker holds up to
 :data:`IN_FLIGHT` (one running, the next waiting), and a batch still waiting behind a running one moves to a worker
-that became idle (it is cancelled where it waited), so no worker idles while work is left.
+that became idle, so no worker idles while work is left. The copy that waited is cancelled (best effort: where
+Ray still runs it, its result is never read; rows are a function of their inputs, so either copy is the same).
 
 **Memory.** Memory-based certification is sequential by definition (seed 000 Algorithm 1): the data-dependent
 methods optimize and certify each input's noise on the workers (``propose``), and the driver passes the
@@ -195,7 +196,7 @@ def run_distributed(results: ResultsFile, inputs: Callable, indices: Sequence[in
     def feed(worker: int) -> None:
         while (job := hand.take(worker)) is not None:
             k, moved_from = job
-            if moved_from is not None:  # it waited on a busy worker: cancel it there (not yet started)
+            if moved_from is not None:  # it waited on a busy worker: cancel it there (best effort; never read)
                 ref = next(r for r, (b, w) in pending.items() if (b, w) == (k, moved_from))
                 del pending[ref]
                 ray.cancel(ref)
