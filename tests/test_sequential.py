@@ -102,9 +102,12 @@ def test_union_bound_confidence_sequence_covers_uniformly_and_the_naive_one_does
     assert worst_naive > 1.5 * ALPHA
 
 
-def test_anytime_stopping_rule_reports_a_covered_bound():
-    """With the anytime mode's stopping rule, P(the bound reported at the stop exceeds p) <= alpha (exact DP)."""
-    alphas = spending(ALPHA, len(SCHEDULE))
+@pytest.mark.parametrize("late", [True, False])
+def test_anytime_stopping_rule_reports_a_covered_bound(late):
+    """With the anytime mode's stopping rule, P(the bound reported at the stop exceeds p) <= alpha (exact DP), with
+    the mode's late spending and with the early one."""
+    alphas = spending(ALPHA, len(SCHEDULE), late=late)
+    assert np.allclose(Mode("anytime", n_max=2000, first=20, growth=2.0).spending(ALPHA), spending(ALPHA, 8, True))
     for p in (0.55, 0.8, 0.95, 0.99):
         def decide(s, n, k):
             dec = anytime_decisions(s, n, int(SCHEDULE[-1]), alphas[k], alphas[-1], 0.05, [st.norm.ppf] * s.size)
@@ -133,10 +136,25 @@ def test_unreachable_levels_abstain_without_sampling_and_futility_costs_no_power
 def test_schedule_and_spending():
     assert SCHEDULE.tolist() == [20, 40, 80, 160, 320, 640, 1280, 2000]
     assert check_schedule(100, first=100).tolist() == [100]
-    assert math.isclose(spending(0.001, 11).sum(), 0.001, rel_tol=1e-12)
+    for late in (False, True):
+        assert math.isclose(spending(0.001, 11, late).sum(), 0.001, rel_tol=1e-12)
+    assert np.array_equal(spending(0.001, 11, late=True), spending(0.001, 11)[::-1])
     for bad in (dict(growth=1.0), dict(first=0)):
         with pytest.raises(ValueError):
             check_schedule(1000, **bad)
+
+
+def test_anytime_bound_at_n_max_is_close_to_fixed_n_certify():
+    """The anytime mode's last check keeps 0.61 alpha: on the default checks to n_max = 100,000, the bound's gap there
+    is within 0.02 of fixed-n CERTIFY's at the full alpha, for every success rate (all successes included). With
+    the target mode's early spending the last check has alpha / 638 and the gap falls short by 0.17."""
+    mode = Mode("anytime", n_max=100_000)
+    last, early = mode.spending(0.001)[-1], spending(0.001, len(mode.schedule()))[-1]
+    for s in (100_000, 99_990, 99_000, 90_000, 70_000):
+        fixed = st.norm.ppf(clopper_pearson_lower(s, 100_000, 0.001))
+        assert fixed - 0.02 <= st.norm.ppf(clopper_pearson_lower(s, 100_000, last)) <= fixed
+    assert st.norm.ppf(clopper_pearson_lower(100_000, 100_000, early)) < st.norm.ppf(clopper_pearson_lower(
+        100_000, 100_000, 0.001)) - 0.15
 
 
 @pytest.mark.parametrize("s,n,level", [(30, 40, 0.6), (0, 5, 0.3), (199, 200, 0.97), (900, 1000, 0.95)])

@@ -18,7 +18,8 @@ estimation samples bound ``p_A = P(f(x + noise) = c_A)``; the region is the nois
   abstains. Guarantee: with probability at least ``1 - alpha`` a certified input has
   ``p_A >= p*``, so the smoothed classifier predicts ``c_A`` on the region at gap ``noise.gap(p*) >= g``
   (radius ``r``); the region recorded (and stored by memory-based certification) is that one, never larger.
-* ``anytime``: the union-bound Clopper-Pearson confidence sequence, run until the gap is known to within
+* ``anytime``: the union-bound Clopper-Pearson confidence sequence (most of ``alpha`` spent at ``n_max``,
+  :meth:`Mode.spending`), run until the gap is known to within
   ``precision`` (gap units: ``radius / sigma`` for isotropic noise) of the gap its bound would reach at
   ``n_max`` at the current estimate ``s / n``, until the upper bound falls below 1/2 (abstain), or ``n_max``.
   Guarantee: with probability at least ``1 - alpha`` every lower bound of the sequence holds, so the region at
@@ -118,6 +119,16 @@ class Mode:
         if self.sequential and self.n_max < n0:
             raise ValueError(f"--n-max ({self.n_max}) must be at least --n0 ({n0})")
 
+    def schedule(self) -> np.ndarray:
+        """The checks ``n_1 < ... < n_K = n_max`` (:func:`~smoothcert.stats.sequential.check_schedule`)."""
+        return check_schedule(self.n_max, self.first, self.growth)
+
+    def spending(self, alpha: float) -> np.ndarray:
+        """The union bound's ``alpha_k`` per check: early checks first for ``target`` (most inputs stop there),
+        the last check first for ``anytime`` (its aim is the bound at ``n_max``; 0.61 alpha there, so the bound
+        at ``n_max`` is close to fixed-n CERTIFY's), :func:`~smoothcert.stats.sequential.spending`."""
+        return spending(alpha, len(self.schedule()), late=self.name == "anytime")
+
     @property
     def columns(self) -> tuple[str, ...]:
         """The row columns this mode adds."""
@@ -192,8 +203,7 @@ def certify_sequential(model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
         top = torch.as_tensor(classes, dtype=torch.int64).reshape(-1)
         if top.numel() != b or not bool(((top >= 0) & (top < num_classes)).all()):
             raise ValueError(f"classes must hold one class in [0, {num_classes}) per input, got {classes!r}")
-    schedule = check_schedule(mode.n_max, mode.first, mode.growth)
-    alphas = spending(alpha, len(schedule))
+    schedule, alphas = mode.schedule(), mode.spending(alpha)
     if mode.name == "target":
         gaps, levels = map(np.asarray, zip(*[target_level(noises[i], x[i], mode.radius) for i in range(b)]))
     full = np.zeros((b, num_classes), dtype=np.int64)

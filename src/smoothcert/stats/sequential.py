@@ -9,7 +9,8 @@ looks is known in advance and the error can be spent over them exactly.
   ``sum_k alpha_k = alpha``. By the union bound, ``P(exists k: p < L_k) <= alpha`` for every ``p``: the lower
   bounds form a confidence sequence over the checks, valid at any data-dependent stopping check. The
   ``1/k^2`` spending gives the early checks (where most inputs stop) the largest share (alpha_1 = 0.61 alpha
-  as K grows; a geometric schedule has K about log2(n_max / n_1) + 1 checks).
+  as K grows; a geometric schedule has K about log2(n_max / n_1) + 1 checks); the anytime mode spends the same
+  shares in reverse (``late``), most at ``n_max``, where its bound matters.
 * **Betting test, Krichevsky-Trofimov mixture** (:func:`kt_log_wealth`): for the null ``p <= p*``, the mixture
   over ``q ~ Beta(1/2, 1/2)`` restricted to ``[p*, 1]`` of the likelihood ratios ``prod_i (q / p*)^{X_i}
   ((1 - q) / (1 - p*))^{1 - X_i}`` is a nonnegative supermartingale with initial value 1 under every
@@ -65,12 +66,16 @@ def check_schedule(n_max: int, first: int = 100, growth: float = 2.0) -> np.ndar
     return np.asarray(out, dtype=np.int64)
 
 
-def spending(alpha: float, checks: int) -> np.ndarray:
-    """``alpha_k = alpha / (k^2 H_K)`` for ``k = 1..checks`` (``H_K = sum 1/j^2``): they sum to ``alpha``."""
+def spending(alpha: float, checks: int, late: bool = False) -> np.ndarray:
+    """``alpha_k = alpha / (k^2 H_K)`` for ``k = 1..checks`` (``H_K = sum 1/j^2``): they sum to ``alpha``.
+
+    ``late``: the same shares in reverse, ``alpha_k = alpha / ((K - k + 1)^2 H_K)``, so the last check (``n_max``)
+    has the largest (0.61 alpha as K grows): for a sequence whose aim is the bound at ``n_max`` (the anytime mode).
+    """
     check_alpha(alpha)
     check_count("checks", checks)
     w = 1.0 / np.arange(1, checks + 1, dtype=np.float64) ** 2
-    return alpha * w / w.sum()
+    return alpha * (w[::-1] if late else w) / w.sum()
 
 
 def union_cp_bounds(successes: ArrayLike, trials: ArrayLike, alpha_k: float) -> tuple[np.ndarray, np.ndarray]:
