@@ -11,7 +11,7 @@ from smoothcert.cli.distributed import IN_FLIGHT, HandOut
 
 def simulate(durations, workers, depth=IN_FLIGHT, window=None, speeds=None):
     """Run ``HandOut`` as ``run_distributed`` does, each worker computing its queue in order (batch ``k`` takes
-    ``durations[k] / speeds[w]`` on worker ``w``; a batch taken over is cancelled where it waited). Returns the
+    ``durations[k] / speeds[w]`` on worker ``w``; a batch taken over is withdrawn where it waited). Returns the
     end time, the order of the written batches, the batches computed to the end, and every violation of
     "no worker idles while a batch waits"."""
     speeds = speeds or [1.0] * workers

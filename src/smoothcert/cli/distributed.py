@@ -12,8 +12,11 @@ what a local run computes: a distributed run equals a local one row for row (eve
 
 **Hand-out** (:class:`HandOut`). Batches leave one shared queue in dataset order; each worker holds up to
 :data:`IN_FLIGHT` (one running, the next waiting), and a batch still waiting behind a running one moves to a worker
-that became idle, so no worker idles while work is left. The copy that waited is cancelled (best effort: where
-Ray still runs it, its result is never read; rows are a function of their inputs, so either copy is the same).
+that became idle, so no worker idles while work is left. The driver records the move in a small ledger actor
+(:class:`Claims`) before it hands the batch out again, and a worker asks the ledger before it starts a batch, so
+the worker the batch waited on skips it (had it already started, its copy runs to the end and is never read; rows
+are a function of their inputs, so either copy is the same). Ray's own cancel of a queued actor task was seen not
+to take effect under load, so the skip does not rely on it.
 
 **Memory.** Memory-based certification is sequential by definition (seed 000 Algorithm 1): the data-dependent
 methods optimize and certify each input's noise on the workers (``propose``), and the driver passes the
@@ -44,7 +47,7 @@ from smoothcert.methods.base import CertifyMethod, RunContext
 from smoothcert.progress import progress as progress_reporter
 from smoothcert.validation import check_count, check_number, check_positive
 
-__all__ = ["check_distributed", "connect", "run_distributed", "HandOut", "IN_FLIGHT"]
+__all__ = ["check_distributed", "connect", "run_distributed", "HandOut", "Claims", "IN_FLIGHT"]
 
 #: Batches queued per worker, so a worker never waits for the driver between batches; at most ``2 IN_FLIGHT
 #: workers`` batches are handed out ahead of the next one to write.
@@ -110,7 +113,7 @@ class HandOut:
     waits for the driver between two batches; fresh batches go out in dataset order, at most ``window`` ahead of
     the next one to write. A batch handed to a worker is not bound to it: when a worker is idle and no fresh batch
     may go out (none left, or the window is full), it takes over the earliest batch that waits behind a running
-    one on another worker, and the caller cancels it there. So no worker idles while a batch waits, and with few
+    one on another worker, and the caller withdraws it there (:class:`Claims`). So no worker idles while a batch waits, and with few
     large batches the run ends when the last batch ends, not when one worker's queue drains."""
 
     def __init__(self, batches: int, workers: int, *, depth: int = IN_FLIGHT, window: int | None = None):
@@ -148,15 +151,37 @@ class HandOut:
         self.queues[worker].remove(k)
 
 
+class Claims:
+    """The ledger of batches taken over (one small Ray actor): batch ``k`` belongs to the worker it was first handed
+    to unless the driver has moved it (:meth:`move`, before it hands the batch out again)."""
+
+    def __init__(self):
+        self.moved: dict[int, int] = {}
+
+    def move(self, k: int, worker: int) -> None:
+        self.moved[k] = worker
+
+    def owns(self, k: int, worker: int) -> bool:
+        return self.moved.get(k, worker) == worker
+
+
 class Worker:
     """One Ray actor: builds what ``factory`` makes once, then proposes certificates for batches of indices."""
 
-    def __init__(self, factory: Factory, threads: int):
+    def __init__(self, factory: Factory, threads: int, claims: str | None = None, me: int = 0):
         torch.set_num_threads(max(1, threads))
         self.method, self.ctx, self.inputs = factory()
+        self.claims, self.me, self.ledger = claims, me, None  # the ledger's actor name (kept out of the arguments)
 
-    def propose(self, batch: Sequence[int]) -> tuple[list[Any], float]:
-        """The method's :meth:`propose` output for the dataset indices ``batch``, and seconds per input."""
+    def propose(self, k: int, batch: Sequence[int]) -> tuple[list[Any], float] | None:
+        """The method's :meth:`propose` output for the dataset indices ``batch`` (the ``k``-th batch) and seconds
+        per input; ``None`` without computing when the ledger says batch ``k`` has moved to another worker."""
+        if self.claims is not None:
+            import ray
+
+            self.ledger = self.ledger or ray.get_actor(self.claims)
+            if not ray.get(self.ledger.owns.remote(k, self.me)):
+                return None
         x, labels = self.inputs(batch)
         t0 = time.perf_counter()
         out = self.method.propose(self.ctx, x, labels, batch)
@@ -184,7 +209,9 @@ def run_distributed(results: ResultsFile, inputs: Callable, indices: Sequence[in
     owns_ray = connect(workers, address, cpus_per_worker)
     remote = ray.remote(Worker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=-1,
                                         max_task_retries=-1)
-    actors = [remote.remote(factory, max(1, int(cpus_per_worker))) for _ in range(workers)]
+    name = f"smoothcert-claims-{os.getpid()}-{time.time_ns()}"
+    claims = ray.remote(Claims).options(name=name, num_cpus=0).remote()
+    actors = [remote.remote(factory, max(1, int(cpus_per_worker)), name, w) for w in range(workers)]
     bar = progress_reporter(len(indices), initial=len(done), enabled=progress, unit="input",
                             desc=str(results.config.get("command", "run")))
     pending: dict[Any, tuple[int, int]] = {}  # object ref -> (batch, worker)
@@ -196,11 +223,10 @@ def run_distributed(results: ResultsFile, inputs: Callable, indices: Sequence[in
     def feed(worker: int) -> None:
         while (job := hand.take(worker)) is not None:
             k, moved_from = job
-            if moved_from is not None:  # it waited on a busy worker: cancel it there (best effort; never read)
-                ref = next(r for r, (b, w) in pending.items() if (b, w) == (k, moved_from))
-                del pending[ref]
-                ray.cancel(ref)
-            pending[actors[worker].propose.remote(batches[k])] = (k, worker)
+            if moved_from is not None:  # it waited on a busy worker: withdrawn there first (never read there)
+                del pending[next(r for r, (b, w) in pending.items() if (b, w) == (k, moved_from))]
+                ray.get(claims.move.remote(k, worker))
+            pending[actors[worker].propose.remote(k, batches[k])] = (k, worker)
 
     try:
         for worker in range(workers):
@@ -225,7 +251,7 @@ def run_distributed(results: ResultsFile, inputs: Callable, indices: Sequence[in
                 feed(other)
     finally:
         bar.close()
-        for actor in actors:
+        for actor in (*actors, claims):
             ray.kill(actor)
         if owns_ray:
             ray.shutdown()
