@@ -113,8 +113,8 @@ class HandOut:
     waits for the driver between two batches; fresh batches go out in dataset order, at most ``window`` ahead of
     the next one to write. A batch handed to a worker is not bound to it: when a worker is idle and no fresh batch
     may go out (none left, or the window is full), it takes over the earliest batch that waits behind a running
-    one on another worker, and the caller withdraws it there (:class:`Claims`). So no worker idles while a batch waits, and with few
-    large batches the run ends when the last batch ends, not when one worker's queue drains."""
+    one on another worker, and the caller withdraws it there (:class:`Claims`). So no worker idles while a batch
+    waits, and with few large batches the run ends when the last batch ends, not when one worker's queue drains."""
 
     def __init__(self, batches: int, workers: int, *, depth: int = IN_FLIGHT, window: int | None = None):
         check_count("batches", batches)
@@ -171,7 +171,9 @@ class Worker:
     def __init__(self, factory: Factory, threads: int, claims: str | None = None, me: int = 0):
         torch.set_num_threads(max(1, threads))
         self.method, self.ctx, self.inputs = factory()
-        self.claims, self.me, self.ledger = claims, me, None  # the ledger's actor name (kept out of the arguments)
+        # the ledger by name, looked up on first use: an actor handle among the constructor's arguments may be gone
+        # when Ray restarts this actor
+        self.claims, self.me, self.ledger = claims, me, None
 
     def propose(self, k: int, batch: Sequence[int]) -> tuple[list[Any], float] | None:
         """The method's :meth:`propose` output for the dataset indices ``batch`` (the ``k``-th batch) and seconds

@@ -125,7 +125,7 @@ class Mode:
 
     def spending(self, alpha: float) -> np.ndarray:
         """The union bound's ``alpha_k`` per check: early checks first for ``target`` (most inputs stop there),
-        the last check first for ``anytime`` (its aim is the bound at ``n_max``; 0.61 alpha there, so the bound
+        the last check first for ``anytime`` (its aim is the bound at ``n_max``; about 0.6 alpha there, so the bound
         at ``n_max`` is close to fixed-n CERTIFY's), :func:`~smoothcert.stats.sequential.spending`."""
         return spending(alpha, len(self.schedule()), late=self.name == "anytime")
 
