@@ -168,22 +168,22 @@ class Claims:
 class Worker:
     """One Ray actor: builds what ``factory`` makes once, then proposes certificates for batches of indices."""
 
-    def __init__(self, factory: Factory, threads: int, claims: str | None = None, me: int = 0):
+    def __init__(self, factory: Factory, threads: int, claims: str, me: int):
+        import ray
+
         torch.set_num_threads(max(1, threads))
         self.method, self.ctx, self.inputs = factory()
-        # the ledger by name, looked up on first use: an actor handle among the constructor's arguments may be gone
-        # when Ray restarts this actor
-        self.claims, self.me, self.ledger = claims, me, None
+        # the ledger is found by its name (an actor handle among the constructor's arguments may be gone when Ray
+        # restarts this actor); ``me`` is this worker's number in the driver's hand-out
+        self.ledger, self.me = ray.get_actor(claims), me
 
     def propose(self, k: int, batch: Sequence[int]) -> tuple[list[Any], float] | None:
         """The method's :meth:`propose` output for the dataset indices ``batch`` (the ``k``-th batch) and seconds
         per input; ``None`` without computing when the ledger says batch ``k`` has moved to another worker."""
-        if self.claims is not None:
-            import ray
+        import ray
 
-            self.ledger = self.ledger or ray.get_actor(self.claims)
-            if not ray.get(self.ledger.owns.remote(k, self.me)):
-                return None
+        if not ray.get(self.ledger.owns.remote(k, self.me)):
+            return None
         x, labels = self.inputs(batch)
         t0 = time.perf_counter()
         out = self.method.propose(self.ctx, x, labels, batch)
