@@ -115,12 +115,13 @@ def replay(row, mode: Mode, sigma: float, alpha: float, x=None):
     prefix = prefix_counts(row, schedule)
     if mode.name == "target":
         _, level = target_level(noise, torch.zeros(784) if x is None else x, mode.radius)
-    if mode.name == "target" and int(target_step([0], -1, schedule, [level], alpha, mode.sequence)[0]) != UNDECIDED:
+    if mode.name == "target" and int(target_step([0], -1, schedule, alphas, [level], alpha,
+                                                mode.sequence)[0]) != UNDECIDED:
         return False, 0.0, 0
     for k, n_k in enumerate(schedule.tolist()):
         s = prefix[k]
         if mode.name == "target":
-            dec = int(target_step([s], k, schedule, [level], alpha, mode.sequence)[0])
+            dec = int(target_step([s], k, schedule, alphas, [level], alpha, mode.sequence)[0])
         else:
             dec = int(anytime_decisions([s], n_k, mode.n_max, float(alphas[k]), float(alphas[-1]), mode.precision,
                                         [noise.gap])[0])

@@ -47,7 +47,8 @@ def dp(p, schedule, decide):
 
 def target(level, sequence, schedule=SCHEDULE, alpha=ALPHA):
     """The target test exactly as the engine runs it (both futility rules included)."""
-    return lambda s, n, k: target_step(s, k, schedule, level, alpha, sequence)
+    alphas = spending(alpha, len(schedule))
+    return lambda s, n, k: target_step(s, k, schedule, alphas, level, alpha, sequence)
 
 
 def naive_target(level, alpha=ALPHA):
@@ -119,12 +120,13 @@ def test_anytime_stopping_rule_reports_a_covered_bound(late):
 
 def test_unreachable_levels_abstain_without_sampling_and_futility_costs_no_power():
     big = check_schedule(100_000)
-    ceiling = float(clopper_pearson_lower(100_000, 100_000, spending(0.001, len(big))[-1]))
-    assert target_step([0], -1, big, [min(ceiling * 1.000001, 0.9999999)], 0.001)[0] == FUTILE
-    assert target_step([0], -1, big, [st.norm.cdf(3.0)], 0.001)[0] == UNDECIDED
+    shares = spending(0.001, len(big))
+    ceiling = float(clopper_pearson_lower(100_000, 100_000, shares[-1]))
+    assert target_step([0], -1, big, shares, [min(ceiling * 1.000001, 0.9999999)], 0.001)[0] == FUTILE
+    assert target_step([0], -1, big, shares, [st.norm.cdf(3.0)], 0.001)[0] == UNDECIDED
     # all successes so far, level reachable: continue; a run that can no longer reach it stops
-    assert target_step([100], 0, big, [0.99], 0.001)[0] in (UNDECIDED, CERTIFIED)
-    assert target_step([40_000], 9, big, [0.99], 0.001)[0] == FUTILE
+    assert target_step([100], 0, big, shares, [0.99], 0.001)[0] in (UNDECIDED, CERTIFIED)
+    assert target_step([40_000], 9, big, shares, [0.99], 0.001)[0] == FUTILE
     # with and without the reachability rule, the certification probability is the same
     level = 0.8413447460685429
     alphas = spending(ALPHA, len(SCHEDULE))
@@ -142,6 +144,10 @@ def test_schedule_and_spending():
     for bad in (dict(growth=1.0), dict(first=0)):
         with pytest.raises(ValueError):
             check_schedule(1000, **bad)
+    # the target test spends exactly the shares it is given: one per check, summing to at most alpha
+    for shares in (spending(ALPHA, len(SCHEDULE) - 1), spending(2 * ALPHA, len(SCHEDULE))):
+        with pytest.raises(ValueError, match="one share of alpha per check"):
+            target_step([10], 0, SCHEDULE, shares, [0.6], ALPHA)
 
 
 def test_anytime_bound_at_n_max_is_close_to_fixed_n_certify():

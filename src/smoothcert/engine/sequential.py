@@ -215,7 +215,8 @@ def certify_sequential(model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     if mode.name == "target":  # levels out of reach of n_max samples abstain without sampling
         decision[:] = FUTILE
         feasible = np.flatnonzero(levels < 1.0)
-        decision[feasible] = target_step(np.zeros(feasible.size), -1, schedule, levels[feasible], alpha, mode.sequence)
+        decision[feasible] = target_step(np.zeros(feasible.size), -1, schedule, alphas, levels[feasible], alpha,
+                                       mode.sequence)
     active = np.flatnonzero(decision == UNDECIDED)
     prev = 0
     for k, n_k in enumerate(schedule.tolist()):
@@ -232,7 +233,7 @@ def certify_sequential(model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
         used[active] = n_k
         lower[active] = union_cp_bounds(succ[active], np.full(active.size, n_k), float(alphas[k]))[0]
         if mode.name == "target":
-            dec = target_step(succ[active], k, schedule, levels[active], alpha, mode.sequence)
+            dec = target_step(succ[active], k, schedule, alphas, levels[active], alpha, mode.sequence)
         else:
             dec = anytime_decisions(succ[active], n_k, mode.n_max, float(alphas[k]), float(alphas[-1]), mode.precision,
                                     [noises[i].gap for i in active])

@@ -126,10 +126,12 @@ def target_decisions(successes: ArrayLike, trials: ArrayLike, level: ArrayLike, 
     return out.astype(np.int64)
 
 
-def target_step(successes: ArrayLike, k: int, schedule: np.ndarray, level: ArrayLike, alpha: float,
-                sequence: str = "cp") -> np.ndarray:
+def target_step(successes: ArrayLike, k: int, schedule: np.ndarray, alphas: np.ndarray, level: ArrayLike,
+                alpha: float, sequence: str = "cp") -> np.ndarray:
     """The target test's decision at check ``k`` (0-based; ``k = -1``: before any estimation sample, successes 0).
 
+    ``alphas``: the share of ``alpha`` of each check of ``schedule`` (the caller's spending, e.g.
+    :func:`spending`; their sum at most ``alpha``); ``alpha``: the whole level (the betting test's).
     :func:`target_decisions` at check ``k``, with a second futility rule: ``FUTILE`` when no later check could
     certify even if every remaining sample were a success (the decisions increase in the successes, so that is
     the best case); at ``k = -1`` that rule alone, so a level out of reach of ``n_max`` samples (e.g. a radius
@@ -138,7 +140,8 @@ def target_step(successes: ArrayLike, k: int, schedule: np.ndarray, level: Array
     """
     s = np.atleast_1d(np.asarray(successes, dtype=np.int64))
     level = np.broadcast_to(np.asarray(level, dtype=np.float64), s.shape)
-    alphas = spending(alpha, len(schedule))
+    if len(alphas) != len(schedule) or float(np.sum(alphas)) > alpha * (1 + 1e-12):
+        raise ValueError(f"need one share of alpha per check summing to at most alpha = {alpha}, got {alphas!r}")
     n_k = 0 if k < 0 else int(schedule[k])
     out = np.full(s.shape, UNDECIDED, dtype=np.int64)
     if k >= 0:
