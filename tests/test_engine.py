@@ -111,6 +111,17 @@ def test_model_output_is_checked():
         sample_counts(lambda z: torch.zeros(z.shape[0], 3), x, IsotropicGaussian(0.1), 10, 4)
     with pytest.raises(ValueError, match="NaN or infinite"):
         sample_counts(lambda z: torch.full((z.shape[0], 4), float("nan")), x, IsotropicGaussian(0.1), 10, 4)
+    passes = []
+
+    def late_inf(z):  # finite scores but one, on the third of five forward passes
+        passes.append(z.shape[0])
+        out = torch.zeros(z.shape[0], 4)
+        out[0, 1] = float("inf") if len(passes) == 3 else 0.0
+        return out
+
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sample_counts(late_inf, x, IsotropicGaussian(0.1), 50, 4, batch_size=20)
+    assert passes == [20] * 5
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -8,6 +8,7 @@
 """
 
 import math
+import warnings
 import zlib
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
-from smoothcert.engine.sampling import input_generator, stream_id
+from smoothcert.engine.sampling import input_generator, sample_counts, stream_id
 from smoothcert.engine.smooth import certify
 from smoothcert.geometry.linalg import basis_error, geometric_mean, nearest_orthonormal
 from smoothcert.geometry.regions import Ball, CrossPolytope, Ellipsoid
@@ -259,6 +260,28 @@ def test_cuda_streams_use_distinct_keys_and_counters():
     assert a.get_offset() != b.get_offset()
     draws = [torch.randn(1000, generator=g, device="cuda") for g in (a, b, c)]
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sampling_loop_waits_on_the_host_once_whatever_the_passes():
+    """Counts and the finiteness flag stay on the device: one host read per call (the flag), for 2 or 40 passes."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).cuda()
+    x = torch.rand(3, 1, 8, 8, device="cuda")
+    gens = [input_generator(0, i, "estimate", "cuda") for i in range(3)]
+    sample_counts(model, x, IsotropicGaussian(0.25), 10, 10, generators=gens)  # warm-up (lazy CUDA init)
+    syncs = []
+    for num in (200, 4000):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                counts = sample_counts(model, x, IsotropicGaussian(0.25), num, 10, batch_size=300, generators=gens)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+        assert counts.sum(dim=1).tolist() == [num] * 3
+    assert syncs == [1, 1]
 
 
 # --------------------------------------------------------------------------------------------- clean-ups

@@ -75,7 +75,10 @@ def check_inputs(x: torch.Tensor, *, range_policy: str = "warn") -> torch.Tensor
 
 
 def check_logits(logits: torch.Tensor, expected_rows: int, num_classes: int) -> None:
-    """The base classifier must return one row of ``num_classes`` finite scores per input."""
+    """The base classifier must return one row of ``num_classes`` scores per input (a tensor of that shape).
+
+    Reads only the tensor's metadata, so it never waits on the device; finiteness is :func:`check_finite_scores`'s,
+    once the sampling is done."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"the base classifier must return a tensor, got {type(logits).__name__}")
     if logits.ndim != 2 or logits.shape[0] != expected_rows or logits.shape[1] != num_classes:
@@ -83,5 +86,9 @@ def check_logits(logits: torch.Tensor, expected_rows: int, num_classes: int) -> 
             f"the base classifier returned shape {tuple(logits.shape)}; expected ({expected_rows}, {num_classes}): "
             f"one score per class for each of the {expected_rows} inputs (num_classes={num_classes})"
         )
-    if not bool(torch.isfinite(logits).all()):
+
+
+def check_finite_scores(finite: torch.Tensor) -> None:
+    """``finite``: a bool tensor, false when some score of the base classifier was NaN or infinite (one host read)."""
+    if not bool(finite):
         raise ValueError("the base classifier returned NaN or infinite scores")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from smoothcert.noise.base import Noise
-from smoothcert.validation import check_count, check_logits, check_num_classes
+from smoothcert.validation import check_count, check_finite_scores, check_logits, check_num_classes
 
 __all__ = ["sample_counts", "input_generator", "stream_id", "Observer", "DTYPES"]
 
@@ -169,7 +169,8 @@ def sample_counts(
     Each noise makes its noisy copies (:meth:`Noise.perturb_`, ``x + noise`` unless the family says otherwise);
     samples a family declares *void* count for no class (so they count against every class, the selected one
     included), are added to ``voids`` (int64 ``(B,)``, on ``x``'s device) when given, and reach observers with
-    prediction -1.
+    prediction -1. Counts and a finiteness flag of the scores stay on ``x``'s device: the one host read is the
+    flag's, after the last pass (a NaN or infinite score raises ``ValueError`` then, before any count is returned).
     """
     check_count("num (samples per input)", num)
     check_count("batch_size", batch_size)
@@ -189,6 +190,7 @@ def sample_counts(
     shape = tuple(x.shape[1:])
     counts = torch.zeros((total, num_classes), dtype=torch.int64, device=x.device)
     buffer = torch.empty((min(per_pass, total), block, *shape), dtype=torch.float32, device=x.device)
+    finite = torch.ones((), dtype=torch.bool, device=x.device)  # read once, after the loop: no sync inside it
 
     with torch.inference_mode(), _autocast(x.device, dtype), evaluation_mode(model):
         for start in range(0, total, per_pass):
@@ -210,6 +212,7 @@ def sample_counts(
                         valid[j] = ~void
                 logits = model(noisy.reshape(group * m, *shape))
                 check_logits(logits, group * m, num_classes)
+                finite &= torch.isfinite(logits).all()
                 predictions = logits.argmax(dim=1).view(group, m)
                 weight = torch.ones_like(predictions) if valid is None else valid.to(torch.int64)
                 counts[start : start + group].scatter_add_(1, predictions, weight)
@@ -220,4 +223,5 @@ def sample_counts(
                 for observe in observers:
                     observe(rows, drawn, predictions)
                 done += m
+    check_finite_scores(finite)
     return counts

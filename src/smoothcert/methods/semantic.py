@@ -63,8 +63,8 @@ def enumerate_shifts(model, x: torch.Tensor, shifts: np.ndarray, batch_size: int
     t = torch.as_tensor(shifts, dtype=torch.int64)
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         for s in range(0, len(t), batch_size):
-            out.append(model(cyclic_shift(x, t[s:s + batch_size])).argmax(dim=1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+            out.append(model(cyclic_shift(x, t[s:s + batch_size])).argmax(dim=1))  # on the device until the end
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.int64)
 
 
 class Translation(CertifyMethod):
