@@ -6,14 +6,19 @@ Prints, on the MNIST CNN:
   3. the same for bfloat16;
   4. the speed-up over the classic reference loop (Cohen et al.'s core.py: one input at a time, batch 400,
      float32, predictions counted in Python on the CPU) at n = 100,000, for several smoothcert settings.
-Where a CUDA GPU is present it runs there too and adds seconds per image of a CIFAR ResNet-110 at n = 100,000.
+Where a CUDA GPU is present it runs there too and adds, for a CIFAR ResNet-110 at n = 100,000, the raw forward
+throughput, smoothcert's certify throughput and seconds per image, and their ratio (target >= 0.9), in float32,
+bfloat16 and bfloat16 with channels_last (and torch.compile with --compile). ``--resnet`` prints only that table
+(on any device; with a small --n and --batch it checks the path on a CPU).
 
     python benchmarks/throughput.py [--checkpoint PATH] [--inputs 3] [--n 100000] [--compile]
+    python benchmarks/throughput.py --device cuda --resnet [--compile]      # or: bash benchmarks/gpu.sh
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import numpy as np
@@ -24,6 +29,7 @@ from smoothcert.engine.smooth import certify
 from smoothcert.engine.sampling import input_generator
 from smoothcert.data.datasets import load_dataset
 from smoothcert.models.architectures import build_model, cifar_resnet
+from smoothcert.models.layout import ChannelsLast
 
 
 def raw_forward(model, x, sigma, batch, dtype, seconds=3.0):
@@ -50,7 +56,8 @@ def _sync(x):
 def smoothcert_rate(model, xs, sigma, n0, n, batch, dtype, inputs_per_batch=1, num_classes=10):
     """(samples per second, seconds per input) of smoothcert.certify over the inputs ``xs``."""
     block = max(1, batch // inputs_per_batch)
-    certify(model, xs[:1], IsotropicGaussian(sigma), num_classes, 10, 100, 0.001, batch_size=batch, dtype=dtype)
+    # warm-up at the timed run's pass shapes (n0 and full batches), so a compiled model is compiled before the timer
+    certify(model, xs[:1], IsotropicGaussian(sigma), num_classes, n0, 2 * batch, 0.001, batch_size=batch, dtype=dtype)
     _sync(xs)
     t0 = time.perf_counter()
     for start in range(0, len(xs), inputs_per_batch):
@@ -91,6 +98,30 @@ def classic_seconds_per_input(model, xs, sigma, n0, n):
     return (time.perf_counter() - t0) / len(xs)
 
 
+def resnet_table(device, n, batch, rounds, compile_too, sigma=0.25):
+    """CIFAR ResNet-110 (untrained: speed does not depend on the weights), two images: per variant, the raw forward
+    samples/s, certify's samples/s and seconds per image at ``n`` (n0 = 100), and their ratio (interleaved rounds)."""
+    base = cifar_resnet(110).to(device).eval()
+    cx = torch.rand(2, 3, 32, 32, device=device)
+    variants = [("float32", torch.float32, base), ("bfloat16", torch.bfloat16, base),
+                ("bfloat16, channels_last", torch.bfloat16, ChannelsLast(copy.deepcopy(base)))]
+    if compile_too:
+        variants.append(("bfloat16, channels_last, compile", torch.bfloat16,
+                         torch.compile(ChannelsLast(copy.deepcopy(base)))))
+    print(f"\nCIFAR ResNet-110 on {device}, batch {batch}, n0 100, n {n:,}, 2 images, {rounds} rounds\n")
+    print("| variant | raw forward (samples/s) | certify (samples/s) | s per image | certify / raw |")
+    print("|---|---:|---:|---:|---:|")
+    for name, dtype, model in variants:
+        raws, rates, spis = [], [], []
+        for _ in range(rounds):
+            raws.append(raw_forward(model, cx[0], sigma, batch, dtype, seconds=2.0))
+            rate, spi = smoothcert_rate(model, cx, sigma, 100, n, batch, dtype)
+            rates.append(rate)
+            spis.append(spi)
+        raw, rate = float(np.mean(raws)), float(np.mean(rates))
+        print(f"| {name} | {raw:,.0f} | {rate:,.0f} | {np.mean(spis):.3f} | {rate / raw:.3f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="a trained MNIST checkpoint (default: untrained weights; "
@@ -102,8 +133,12 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved raw/certify rounds per ratio")
     ap.add_argument("--ratios-only", action="store_true", help="only the certify / raw forward table")
+    ap.add_argument("--resnet", action="store_true", help="only the CIFAR ResNet-110 table (at --n, --batch)")
+    ap.add_argument("--batch", type=int, default=1000, help="the ResNet table's batch size")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.resnet:
+        return resnet_table(device, args.n, args.batch, args.rounds, args.compile)
     if args.checkpoint:
         from smoothcert.models.checkpoint import load_checkpoint
 
@@ -148,13 +183,7 @@ def main():
         print(f"| {name} | {spi:.2f} | {classic / spi:.2f}x |")
 
     if device.type == "cuda":
-        resnet = cifar_resnet(110).to(device).eval()
-        cx = torch.rand(2, 3, 32, 32, device=device)
-        print("\n| CIFAR ResNet-110 | s per image at n = 100,000 |")
-        print("|---|---:|")
-        for dtype in (torch.float32, torch.bfloat16):
-            _, spi = smoothcert_rate(resnet, cx, 0.25, 100, 100_000, 1000, dtype)
-            print(f"| {str(dtype).split('.')[-1]} | {spi:.2f} |")
+        resnet_table(device, 100_000, args.batch, 2, args.compile)
 
 
 if __name__ == "__main__":
