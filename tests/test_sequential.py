@@ -15,7 +15,11 @@ from smoothcert.engine.smooth import certify
 from smoothcert.methods.base import RunContext
 from smoothcert.methods.dds import DDS
 from smoothcert.methods.fixed import FixedSigma
+from smoothcert.noise.base import Noise
+from smoothcert.noise.discrete import DiscretizedGaussian
 from smoothcert.noise.gaussian import DiagonalGaussian, IsotropicGaussian
+from smoothcert.noise.laplace import Laplace
+from smoothcert.noise.transformations import DiscreteGaussianShift
 from smoothcert.noise.uniform import UniformDiagonal
 from smoothcert.stats.bounds import clopper_pearson_lower
 from smoothcert.stats.sequential import (CERTIFIED, FUTILE, UNDECIDED, anytime_decisions, check_schedule,
@@ -200,6 +204,62 @@ def test_target_level_inverts_each_familys_gap():
     g, level = target_level(noise, x, 0.1)
     assert noise.gap(level) >= g and math.isclose(level, (1 + g) / 2, rel_tol=1e-12)
     assert noise.region(x, noise.gap(level)).inscribed_radius >= 0.1
+
+
+@pytest.mark.parametrize("noise", [IsotropicGaussian(0.25), Laplace(0.3), UniformDiagonal.isotropic(0.5),
+                                   DiscretizedGaussian(0.25), DiscreteGaussianShift(1.5, 3)], ids=repr)
+def test_every_familys_level_is_the_least_probability_reaching_the_gap(noise):
+    """``level`` inverts the family's own ``gap``: ``gap(level(g)) >= g`` and, one step below, short of ``g``
+    (within 1e-9 for the continuous gaps). A family defining ``gap`` without ``level`` is refused."""
+    top = noise.gap(1 - 1e-12)
+    for g in np.linspace(0.0, top, 9)[1:-1]:
+        p = noise.level(g)
+        reached = p
+        for _ in range(64):  # up to the rounding of p (target_level raises it so)
+            if noise.gap(reached) >= g:
+                break
+            reached = np.nextafter(reached, 1.0)
+        assert 0.5 <= p <= reached < 1 and noise.gap(reached) >= g
+        assert noise.gap(max(0.5, p - 1e-9)) < g or isinstance(noise, DiscreteGaussianShift)
+    if isinstance(noise, DiscreteGaussianShift):  # a step function: its level is the least p of each step
+        for g in sorted(set(noise.gap(q) for q in np.linspace(0.51, 0.999, 40)) - {0.0}):
+            p = noise.level(g)
+            assert noise.gap(p) >= g and noise.gap(np.nextafter(p, 0) - 1e-12) < g
+    assert math.isclose(Laplace(0.3).level(0.25), 1 - math.exp(-0.25) / 2, rel_tol=1e-15)
+    with pytest.raises(TypeError, match="gap without level"):
+        type("HalfDone", (IsotropicGaussian,), {"kind": "half-done", "gap": lambda self, p: 2 * p - 1})
+
+
+def test_target_level_reaches_the_radius_when_regions_are_not_proportional_to_the_gap():
+    """A region of radius ``gap - 0.1`` (an offset, as for an input just off the grid): the search finds the gap."""
+    class Offset(IsotropicGaussian):
+        kind = "offset-test"
+
+        def region(self, center, gap):
+            return super().region(center, max(float(gap) - 0.1, 0.0))
+
+    noise = Offset(1.0)
+    g, p = target_level(noise, torch.zeros(3), 0.5)
+    assert math.isclose(g, 0.6, rel_tol=1e-12) and noise.region(torch.zeros(3), g).inscribed_radius >= 0.5
+    assert noise.gap(p) >= g
+    del Noise.registry["offset-test"]
+
+
+def test_target_mode_with_laplace_noise_is_sound_at_the_level():
+    """d = 1, a threshold classifier: Laplace's l1 certificate is tight there, so inputs whose exact radius is just
+    below r must certify r at most as alpha allows. (Testing ``p_A >= Phi(g)``, the Gaussian level, for Laplace's
+    gap ``g`` certifies most of them: Phi(0.25) = 0.599 against the level 1 - exp(-0.25) / 2 = 0.611.)"""
+    p = plan(0.1)
+    noise = Laplace(0.2)
+    r = 0.25 * noise.scale_sampled
+    model, x, exact = near_level_case(p.trials, r, 0.2, slack=1e-3, d=1, seed=4)
+    gens = [(input_generator(6, i, "select"), input_generator(6, i, "estimate")) for i in range(p.trials)]
+    mode = Mode("target", radius=r, n_max=20_000, first=200)
+    certs = certify_sequential(model, x, noise, 2, 20, mode, p.alpha, batch_size=20_000, block=2000,
+                               generators=gens, range_policy="ignore")
+    claimed = [r if c.extra["decision"] == "certified" else 0.0 for c in certs]
+    assert all(c.radius >= r for c in certs if c.extra["decision"] == "certified")
+    assert_sound(violations_of(claimed, exact, [c.prediction for c in certs], np.ones(p.trials, int)), p)
 
 
 def test_mode_validation_before_sampling():

@@ -144,23 +144,50 @@ class Mode:
 
 
 def target_level(noise: Noise, center: torch.Tensor, radius: float) -> tuple[float, float]:
-    """``(g, p*)``: the smallest gap ``g`` whose region's inscribed l2 radius is ``>= radius`` (regions scale
-    with the gap) and the level ``p* = noise.level(g)``, raised by ulps until ``noise.gap(p*) >= g``; ``p* = 1``
-    when no probability below 1 reaches it (never certifiable)."""
+    """``(g, p*)``: the smallest gap ``g`` whose region's inscribed l2 radius is ``>= radius`` and the least level
+    ``p*`` with ``noise.gap(p*) >= g``, so a certified ``p_A >= p*`` certifies a region of radius ``>= radius``.
+
+    Regions grow with the gap (for most families in proportion: ``radius / unit`` up to rounding; otherwise, e.g. a
+    radius less an offset, by search). ``p*`` starts at ``noise.level(g)``, raised by ulps or, should that fall
+    short, searched (:meth:`~smoothcert.noise.base.Noise.level_by_search`); ``(inf, 1)`` when no gap or no
+    probability below 1 reaches it (never certifiable)."""
+    def reaches(g: float) -> bool:
+        return float(noise.region(center, g).inscribed_radius) >= radius
+
     unit = float(noise.region(center, 1.0).inscribed_radius)
-    if not unit > 0:
-        return math.inf, 1.0
-    g = radius / unit
+    g = radius / unit if unit > 0 else 1.0
     for _ in range(8):
-        if noise.region(center, g).inscribed_radius >= radius:
+        if reaches(g):
             break
         g = math.nextafter(g, math.inf)
+    else:
+        g = _least_gap(reaches, g)
+        if not math.isfinite(g):
+            return math.inf, 1.0
     p = float(noise.level(g))
     for _ in range(64):
         if p >= 1.0 or noise.gap(p) >= g:
             break
         p = math.nextafter(p, 1.0)
+    if p < 1.0 and noise.gap(p) < g:
+        p = noise.level_by_search(g, start=0.5)
     return g, min(p, 1.0)
+
+
+def _least_gap(reaches: Callable[[float], bool], g: float, ceiling: float = 1e6) -> float:
+    """The least ``g' >= g`` (to one ulp) with ``reaches(g')`` (nondecreasing), by doubling then bisection; ``inf``
+    when no gap up to ``ceiling`` reaches it."""
+    lo, hi = g, max(g, 1e-12)
+    while not reaches(hi):
+        lo, hi = hi, 2.0 * hi
+        if hi > ceiling:
+            return math.inf
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            break
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return hi
 
 
 def _streams(generators, b):

@@ -13,6 +13,8 @@ round the parameters again).
 
 from __future__ import annotations
 
+import math
+
 from abc import ABC, abstractmethod
 
 import torch
@@ -45,6 +47,9 @@ class Noise(ABC):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "gap" in cls.__dict__ and "level" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} defines gap without level: a test of p_A >= level(g) (--mode target) "
+                            "needs the inverse of the family's own gap (Noise.level_by_search gives one)")
         Noise.registry[cls.kind] = cls
 
     @classmethod
@@ -123,8 +128,28 @@ class Noise(ABC):
 
     def level(self, gap: float) -> float:
         """The inverse of :meth:`gap`: the top-class probability whose certified gap is ``gap`` (``Phi(gap)`` for
-        Gaussian noise). A sequential test of ``p_A >= level(g)`` certifies the region at gap ``g``."""
+        Gaussian noise). A sequential test of ``p_A >= level(g)`` certifies the region at gap ``g``. A family that
+        overrides :meth:`gap` overrides this too (enforced when the class is defined)."""
         return float(normal_level(gap))
+
+    def level_by_search(self, gap: float, start: float = 0.5) -> float:
+        """The least ``p`` in ``[start, 1)`` with ``self.gap(p) >= gap`` (to within one ulp of the bracket), by
+        bisection (``gap`` nondecreasing in ``p``), returned at the upper end so that ``gap(p) >= gap`` holds;
+        1.0 (never certifiable) when even the largest double below 1 falls short."""
+        lo, hi = float(start), math.nextafter(1.0, 0.0)
+        if self.gap(hi) < gap:
+            return 1.0
+        if self.gap(lo) >= gap:
+            return lo
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if not lo < mid < hi:
+                break
+            if self.gap(mid) >= gap:
+                hi = mid
+            else:
+                lo = mid
+        return hi
 
 
 def noise_from_parameters(kind: str, params: dict[str, torch.Tensor]) -> Noise:

@@ -126,6 +126,10 @@ class Laplace(Noise):
         """``-ln(2 (1 - p_A))``: the l1 radius per unit scale (0 at ``p_A = 1/2``)."""
         return laplace_l1_radius(p_lower, 1.0)
 
+    def level(self, gap: float) -> float:
+        """``1 - exp(-gap) / 2`` (``1/2`` at gap 0): the inverse of :meth:`gap`."""
+        return 0.5 - 0.5 * math.expm1(-max(float(gap), 0.0))
+
     def region(self, center, gap):
         d = int(center.numel())
         radius = self.scale_sampled * max(float(gap), 0.0)

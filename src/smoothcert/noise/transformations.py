@@ -152,6 +152,10 @@ class DiscreteGaussianShift(Noise):
         below = norms[norms < fail - 1e-9]
         return float(below.max()) if below.size else 0.0
 
+    def level(self, gap: float) -> float:
+        """The least probability whose :meth:`gap` reaches ``gap`` (the gap is a step function: by search)."""
+        return self.level_by_search(gap)
+
     def region(self, center, gap):
         return Ball(center, max(float(gap), 0.0))
 
