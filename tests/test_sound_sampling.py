@@ -146,6 +146,18 @@ def test_inputs_off_the_grid_are_refused_before_sampling():
     assert (again.sigma, again.levels, again.weights) == (noise.sigma, noise.levels, noise.weights)
 
 
+def test_the_region_is_the_grid_points_ball_less_the_inputs_distance_to_it():
+    """The samples bound p_A at u / L: the ball about x is that ball shrunk by ||x - u / L|| (so it lies inside)."""
+    noise = DiscretizedGaussian(0.25)
+    for x in (torch.tensor([(128 + 0.0009) / 255, 3 / 255, 1.0]), torch.arange(256, dtype=torch.float32) / 255):
+        noise.check_support(x)  # accepted: within the grid tolerance, or on the grid up to float32 rounding
+        exact = (x.double() - torch.round(x.double() * 255) / 255).norm().item()
+        ball = noise.region(x, 1.5)
+        assert noise.offset(x) >= exact and ball.radius + exact <= 0.25 * 1.5
+        assert 0.25 * 1.5 - ball.radius <= 2 * exact + 1e-12
+    assert noise.region(torch.tensor([(128 + 0.0009) / 255]), 1.5).radius < 0.25 * 1.5 - 3e-6  # 0.0009 / 255
+
+
 class Leaky(DiscretizedGaussian):
     """The sound family with a leftover coordinate forced into every other sample (its real mass is ~1e-10)."""
 

@@ -42,6 +42,11 @@ level ``alpha`` also lower-bounds ``p_A``: the leftover mass is counted against 
 adds void samples to the runner-up's count (:func:`smoothcert.engine.smooth.predict`): coupled with exact
 sampling, where each void sample is *some* class, that only raises the test's p-value.
 
+**Off the grid by rounding.** An input is read as the grid point ``u / L`` (``u = round(L x)``), whose smoothing
+is what the samples bound; ``x`` itself (``u / L`` rounded to float32, or within ``GRID_TOLERANCE`` grid steps of
+it) may lie a little away. The region is the ball about ``x`` of radius ``sigma Phi^-1(p_A) - ||x - u / L||_2``,
+inside the ball about ``u / L`` (about ``2^-25 sqrt(d)`` smaller for float32 pixels: 1e-6 at d = 784).
+
 The price: ``P(void) <= d lambda`` per sample, about ``1e-10 d`` at sigma = 0.25 (``void_probability``), far
 below the Clopper-Pearson slack. Inputs must lie on the grid (:meth:`DiscretizedGaussian.check_support`);
 ``x`` is read as ``u = round(L x)``.
@@ -258,8 +263,17 @@ class DiscretizedGaussian(Noise):
         """The family's own scale, recorded in rows: the Gaussian's sigma (before rounding onto the grid)."""
         return self.sigma
 
+    def offset(self, center: torch.Tensor) -> float:
+        """``||x - u / L||_2``, rounded up: how far the input lies from the grid point whose smoothing is sampled
+        (0 up to float rounding for ``x = u / L`` as stored; at most ``GRID_TOLERANCE sqrt(d) / L``)."""
+        xd = center.detach().to(torch.float64).reshape(-1)
+        off = float(torch.linalg.vector_norm(xd - self.grid(xd).to(torch.float64) / self.levels))
+        return off * (1.0 + 1e-12) + math.sqrt(xd.numel()) * 2.0**-50  # float64 rounding of u / L and the norm
+
     def region(self, center, gap):
-        return Ball(center, self.sigma * max(float(gap), 0.0))
+        """The ball about the input ``x`` of radius ``sigma gap - ||x - u / L||``: the samples bound ``p_A`` at the
+        grid point ``u / L``, whose ball of radius ``sigma gap`` contains it (triangle inequality)."""
+        return Ball(center, max(self.sigma * max(float(gap), 0.0) - self.offset(center), 0.0))
 
     def scales(self):
         return torch.tensor(self.sigma, dtype=torch.float64)
