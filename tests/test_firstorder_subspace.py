@@ -81,6 +81,27 @@ def test_geometry_constants_bound_the_brute_force_values_and_do_not_depend_on_th
     assert (coords.l2_per_l1, coords.l2_per_linf, coords.sign_norm2, coords.max_leverage) == (1.0, 2.0, 4.0, 1.0)
 
 
+def test_a_basis_orthonormal_within_the_tolerance_gives_the_subspaces_own_constants():
+    """A basis accepted within the tolerance (a short line, a float32-rounded unit vector) describes its span: the
+    constants equal those of an exactly orthonormal basis of it, none larger and none zero."""
+    rng = np.random.default_rng(1)
+    e1 = np.eye(4)[:, :1]
+    cases = [(e1 * (1 - 5e-6), e1), (e1 * (1 - 1e-7), e1)]
+    for _ in range(5):
+        v = rng.standard_normal((3072, 1))
+        v32 = (torch.as_tensor(v, dtype=torch.float32) / torch.as_tensor(v, dtype=torch.float32).norm()).double()
+        cases.append((v32.numpy(), v32.numpy() / np.linalg.norm(v32.numpy())))  # its span, exactly normalized
+    for given, exact in cases:
+        geo, ref = Subspace(given).geometry((len(given),)), Subspace(exact).geometry((len(exact),))
+        for name in ("max_leverage", "sign_norm2", "l2_per_l1", "l2_per_linf"):
+            assert getattr(geo, name) == pytest.approx(getattr(ref, name), rel=1e-9) and getattr(geo, name) > 0
+    plan = FirstOrderPlan.make(0.001, 200_000, "l2,l1,linf", True)
+    bounds = {"l2_upper": 0.1, "l2_lower": 0.0, "linf_upper": 0.1, "l1_upper": 0.2, "sub_l2_upper": 0.1,
+              "sub_linf_upper": 0.1, "sub_l1_upper": 0.1}
+    radii = normalized_radii(0.9, bounds, plan, 4, Subspace(e1 * (1 - 5e-6)).geometry((4,)))
+    assert radii["sub_l1_0"] <= stats.norm.ppf(0.9) and radii["sub_linf_0"] <= stats.norm.ppf(0.9)
+
+
 # ------------------------------------------------------------------------------ exact information, exact radius
 
 @pytest.mark.parametrize("case", ["rot45", "random-3-of-5", "line-of-4"])

@@ -67,7 +67,7 @@ class SubspaceGeometry:
         roots = np.concatenate([np.cumsum(np.sqrt(lev[::-1]))[::-1], [0.0]])
         sign_norm2 = min(float(np.min(np.sqrt(j) + roots)) ** 2 * _ROUNDING, float(len(lev)))
         rest = rest + 1e-10 + 8.0 * np.finfo(np.float64).eps * len(lev) * dim  # T_j from above: rounding
-        free = rest < 1.0
+        free = (rest < 1.0) & (j > 0)  # T_0 = trace P_S = k >= 1: the j = 0 term is never free (no 0 / x)
         s_star = float(np.min(j[free] / (1.0 - rest[free]), initial=float(len(lev)))) * _ROUNDING
         return cls(int(dim), max_lev, sign_norm2, math.sqrt(max_lev), math.sqrt(min(s_star, sign_norm2)))
 
@@ -157,7 +157,10 @@ class Subspace:
                 raise ValueError("the projection matrix is zero: the subspace is empty")
             return basis
         if k <= d and np.allclose(m.T @ m, np.eye(k), atol=1e-6):
-            return m
+            # the same span, exactly orthonormal up to float64 rounding: the constants are the subspace's, not
+            # those of a slightly short or skewed basis (which the leverage scores would otherwise under-count)
+            w, _, vh = np.linalg.svd(m, full_matrices=False)
+            return w @ vh
         raise ValueError(f"a subspace matrix must be a (d, k) basis with orthonormal columns or a (d, d) orthogonal "
                          f"projection (symmetric, idempotent); got shape {m.shape} that is neither")
 
