@@ -124,6 +124,13 @@ def test_other_batch_sizes_of_the_same_block_continue_with_the_same_numbers(toy,
     assert main(certify(toy, part, "--max", "10", "--batch-size", "100")) == 2
     err = capsys.readouterr().err
     assert "block: file has 200, this run has 100" in err and "columns" not in err
+    # a sequential mode draws its estimation samples in blocks of the batch size itself: a new one is refused
+    seq = tmp_path / "seq.tsv"
+    anytime = ("--mode", "anytime", "--n-max", "400")
+    assert main(certify(toy, seq, "--max", "3", *anytime)) == 0
+    capsys.readouterr()
+    assert main(certify(toy, seq, *anytime, "--batch-size", "800", "--inputs-per-batch", "4")) == 2
+    assert "batch_size" in capsys.readouterr().err
 
 
 def test_sampling_puts_a_train_mode_model_in_eval_mode_and_restores_it():

@@ -35,10 +35,12 @@ def cmd_certify(args) -> int:
     cls = type(method)
     columns = CERTIFY_COLUMNS + COMMON_COLUMNS + tuple(c for c in cls.columns if c not in COMMON_COLUMNS)
     columns += tuple(c for c in ctx.mode.columns if c not in columns)
-    # a method that only samples may change its batch sizes on resume (the numbers depend on "block" only)
+    # a method that only samples may change its batch sizes on resume (the numbers depend on "block" only); in a
+    # sequential mode the estimation draws come in blocks of the batch size itself, so it stays
+    resizable = cls.samples_only and not ctx.mode.sequential
     results = ResultsFile(Path(args.out), columns, {"command": "certify", **run, "n0": args.n0,
                                                     "method": method.config(), **ctx.mode.config()},
-                          continuable=("batch_size", "inputs_per_batch") if cls.samples_only else ())
+                          continuable=("batch_size", "inputs_per_batch") if resizable else ())
     on_open = lambda done: method.open(ctx, results.path, done)  # noqa: E731
     try:
         if args.workers is not None or args.ray_address is not None:
